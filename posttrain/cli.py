@@ -1,0 +1,94 @@
+"""`posttrain <command> [--config FILE.yaml] [key=value ...]`: parse, validate, dispatch. Nothing else.
+
+User mistakes (UserError) print one line on stderr and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from posttrain.config import UserError, describe, load_config
+
+# command -> (module defining `Config` and `run(config)`, one-line description). Modules are imported
+# only for the command asked for.
+COMMANDS = {
+    "sft": ("posttrain.algorithms.sft", "supervised fine-tuning on text, prompt-completion or conversations"),
+}
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and summary are enough; silence per-file progress bars of the HF libraries."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def usage() -> str:
+    lines = ["usage: posttrain <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<6} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`posttrain <command> --help` lists every key with its type, default and meaning."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
+    if not argv or argv[0] in ("-h", "--help"):
+        return "", None, [], True
+    command, rest = argv[0], argv[1:]
+    config_file, overrides, want_help = None, [], False
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg in ("-c", "--config"):
+            if i + 1 >= len(rest):
+                raise UserError("--config needs a file path")
+            config_file = rest[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" in arg:
+            overrides.append(arg[2:])  # --key=value is accepted as key=value
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option '{arg}' (use key=value for settings)")
+        else:
+            overrides.append(arg)
+        i += 1
+    return command, config_file, overrides, want_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    try:
+        command, config_file, overrides, want_help = parse_args(argv)
+        if not command:
+            print(usage())
+            return 0
+        if command not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown command '{command}'{hint}; commands: {', '.join(COMMANDS)}")
+        module_name, description = COMMANDS[command]
+        module = importlib.import_module(module_name)
+        if want_help:
+            print(f"posttrain {command}: {description}\n\n{(module.Config.__doc__ or '').strip()}\n\nkeys:")
+            print(describe(module.Config))
+            return 0
+        cfg = load_config(module.Config, config_file, overrides)
+        result = module.run(cfg)
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""Typed configuration: one dataclass per command, the single source of truth for keys, types, defaults
+and help text (`posttrain <command> --help` prints it).
+
+Every field carries its documentation in `metadata["help"]`, saying what it counts and its unit. Batch
+sizes are *global* (summed over devices and gradient-accumulation steps) unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, paths). The CLI prints it as one line and exits 2."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field: default + help text (+ the allowed values for a string choice)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft. Present in the config (any `lora.*` key) means LoRA is on."""
+
+    r: int = opt(16, "Adapter rank.")
+    alpha: float = opt(32.0, "Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = opt(0.0, "Dropout on the adapter input.")
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters.")
+    merge: bool = opt(False, "Merge the adapter into the base weights when saving the final model.")
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every training command."""
+
+    # Model
+    model: str = opt(
+        "smollm2-135m-instruct",
+        "A local Hugging Face model folder, a .gguf file, a hub id, or 'smollm2-135m-instruct' (the "
+        "embedded default, converted once and cached).",
+    )
+    tokenizer: str | None = opt(None, "Tokenizer path or hub id; default: the model's own.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model folder / hub to run.")
+    chat_template: str | None = opt(None, "A Jinja chat template (string or file path) replacing the tokenizer's.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    bf16: bool = opt(False, "bfloat16 autocast for forward/backward (weights and optimizer stay float32).")
+    disable_dropout: bool = opt(True, "Turn off every dropout layer in the model (and the reference).")
+    lora: LoraConfig | None = opt(None, "LoRA block (r, alpha, dropout, target_modules, merge); absent = full fine-tuning.")
+    # Data
+    dataset: str | None = opt(
+        None,
+        "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a hub dataset name, or a "
+        "built-in task ('arithmetic', 'arithmetic:levels=1-2,n=500'). Default: the command's built-in task.",
+    )
+    dataset_split: str = opt("train", "Split to read from hub datasets.")
+    eval_dataset: str | None = opt(None, "Evaluation data, same forms as `dataset`.")
+    eval_split: str = opt("test", "Split to read from hub datasets for evaluation.")
+    skip_invalid: bool = opt(False, "Skip malformed rows (reported with counts at the end) instead of stopping.")
+    max_length: int = opt(1024, "Maximum tokens per sequence (prompt + completion); completions are cut at the end.")
+    max_prompt_length: int | None = opt(None, "Maximum prompt tokens; longer prompts keep their end.")
+    max_samples: int | None = opt(None, "Use only the first N rows of the training data.")
+    # Optimisation
+    output_dir: str | None = opt(None, "Run directory (config, metrics, checkpoints, final model). Default: runs/<command>.")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 means derive from num_epochs.")
+    num_epochs: float = opt(1.0, "Passes over the training data (used when max_steps is -1).")
+    batch_size: int = opt(8, "GLOBAL batch: examples per optimizer step, over all devices and accumulation steps.")
+    micro_batch_size: int = opt(
+        2, "Examples per forward/backward on ONE device; batch_size / (micro_batch_size x devices) is the accumulation."
+    )
+    learning_rate: float = opt(2e-5, "Peak learning rate of AdamW.")
+    lr_scheduler: str = opt("linear", "Learning-rate decay after warmup.", ("linear", "cosine", "constant"))
+    warmup_ratio: float = opt(0.0, "Fraction of the optimizer steps spent warming up linearly from 0.")
+    warmup_steps: int = opt(0, "Warmup steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    seed: int = opt(42, "Seed for initialisation, data order, dropout and sampling.")
+    # Run management
+    logging_steps: int = opt(1, "Write a metrics.jsonl row every N optimizer steps.")
+    eval_steps: int = opt(0, "Evaluate every N optimizer steps (0: only at the end, when an eval set is given).")
+    eval_batch_size: int = opt(8, "Examples per forward during evaluation, per device.")
+    save_steps: int = opt(0, "Write a checkpoint every N optimizer steps (0: none until the end).")
+    save_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest are deleted).")
+    resume_from_checkpoint: str | None = opt(None, "'latest' (the newest in output_dir) or a checkpoint folder.")
+    progress: bool = opt(True, "Show a progress bar on the console.")
+
+    command = "train"
+
+    def validate(self) -> None:
+        """Check values before any model is loaded; raise UserError with the key name."""
+        checks = [
+            (self.learning_rate >= 0, "learning_rate must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.max_length >= 2, "max_length must be >= 2"),
+            (self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps must be -1 or >= 1"),
+            (self.num_epochs > 0, "num_epochs must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.logging_steps >= 1, "logging_steps must be >= 1"),
+            (self.eval_steps >= 0 and self.save_steps >= 0, "eval_steps and save_steps must be >= 0"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1"),
+            (self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        if self.lora is not None and self.lora.r < 1:
+            raise UserError("lora.r must be >= 1")
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or f"runs/{self.command}"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: next-token loss on completions (prompt-completion data) or assistant turns
+    (conversations), or on every token of plain text."""
+
+    packing: bool = opt(False, "Concatenate examples into rows of max_length (no padding); attention stays per example.")
+    completion_only_loss: bool = opt(True, "Prompt-completion data: loss on completion tokens only.")
+    assistant_only_loss: bool = opt(True, "Conversations: loss on assistant turns only.")
+    command = "sft"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a config from YAML + key=value overrides, with typed checking and line-numbered errors.
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, str):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check/convert one value to the field's type; YAML already parsed scalars."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return build_dataclass(tp, value, prefix=where + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()
+        ):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls)]
+
+
+def build_dataclass(cls, values: dict, prefix: str = "", lines: dict | None = None):
+    """Instantiate `cls` from a (nested) dict, failing on unknown keys with a did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in config_fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = (lines or {}).get(prefix + key, "") + prefix + key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{where}: unknown key for '{getattr(cls, 'command', cls.__name__)}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+        choices = names[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices and kwargs[key] is not None:
+            raise UserError(f"{where}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}")
+    return cls(**kwargs)
+
+
+def _yaml_key_lines(path: str, text: str) -> dict[str, str]:
+    """Map dotted keys to 'file:line: ' so errors point at the line the user wrote."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                name = prefix + str(k.value)
+                out[name] = f"{path}:{k.start_mark.line + 1}: "
+                walk(v, name + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = d.get(p)
+        if not isinstance(cur, dict):
+            cur = {} if cur in (None, True) else cur
+            d[p] = cur
+        d = cur
+    d[parts[-1]] = value
+
+
+def load_config(cls: type, config_file: str | None, overrides: list[str]):
+    """YAML file (optional) + `key=value` overrides (dotted keys for nested blocks) -> validated config."""
+    values: dict = {}
+    lines: dict[str, str] = {}
+    if config_file:
+        try:
+            text = open(config_file, encoding="utf-8").read()
+        except OSError as e:
+            raise UserError(f"{config_file}: cannot read config ({e.strerror})") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{config_file}:{mark.line + 1}" if mark else config_file
+            raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{config_file}:1: the config must be a mapping of key: value")
+        lines = _yaml_key_lines(config_file, text)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"argument '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(values, key.strip(), value)
+        lines.pop(key.strip(), None)
+    cfg = build_dataclass(cls, values, lines=lines)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls) -> str:
+    """Help text: every field with its type, default and documentation."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in config_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" (one of: {', '.join(choices)})" if choices else ""
+        rows.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}){extra}\n      {f.metadata.get('help', '')}")
+        sub = hints[f.name]
+        for a in typing.get_args(sub) or (sub,):
+            if dataclasses.is_dataclass(a):
+                for g in config_fields(a):
+                    gd = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+                    rows.append(f"    {f.name}.{g.name} (default {gd!r})\n        {g.metadata.get('help', '')}")
+    return "\n".join(rows)

@@ -1,0 +1,36 @@
+"""Data: formats and validation (formats.py), tokenization and batches (tokenize.py), built-in tasks."""
+
+from __future__ import annotations
+
+import logging
+
+from posttrain.config import UserError
+from posttrain.data.formats import Dataset, load_dataset, report_skipped
+from posttrain.data.tokenize import encode_rows
+
+log = logging.getLogger("posttrain")
+
+__all__ = ["Dataset", "load_dataset", "load_train_eval", "encode_dataset"]
+
+
+def load_train_eval(cfg, kind: str, default: str) -> tuple[Dataset, Dataset | None]:
+    """The config's training (or the command's built-in default) and eval datasets, validated."""
+    train = load_dataset(
+        cfg.dataset or default, kind, split=cfg.dataset_split, skip_invalid=cfg.skip_invalid, max_samples=cfg.max_samples
+    )
+    evald = None
+    if cfg.eval_dataset:
+        evald = load_dataset(cfg.eval_dataset, kind, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
+    return train, evald
+
+
+def encode_dataset(ds: Dataset, encode_fn) -> list:
+    """Tokenize every row; report rows skipped as invalid and rows dropped by truncation."""
+    examples, dropped = encode_rows(ds.rows, encode_fn)
+    for line in report_skipped(ds):
+        log.warning(line)
+    for reason, n in dropped.items():
+        log.warning(f"{ds.name}: dropped {n} row(s): {reason}")
+    if not examples:
+        raise UserError(f"{ds.name}: no usable examples")
+    return examples

