@@ -25,31 +25,37 @@ def _chunk_logits(h, weight, bias, temperature):
 
 
 class _HeadLogProb(torch.autograd.Function):
-    """logp[n] = log_softmax(h[n] @ W^T + b)[target[n]], chunked over n; optionally the entropy (no grad)."""
+    """logp[n] = log_softmax(h[n] @ W^T + b)[target[n]], chunked over n.
+
+    Also returns detached per-token statistics of the same logits, cheap while the chunk is in memory:
+    row 0 entropy, row 1 mean logit over the vocabulary (TRL's `logits/*` metrics), row 2 log sum_v p_v^2
+    (WPO's weight adjustment). Only when `want_stats` is set; otherwise an empty tensor.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_stats):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
+        stats = torch.empty((3, n) if want_stats else (0,), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_size):
             logits = _chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature)
             lse = torch.logsumexp(logits, dim=-1)
             lse_all[s : s + chunk_size] = lse
             logp[s : s + chunk_size] = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse
-            if want_entropy:
-                probs = torch.exp(logits - lse[:, None])
-                entropy[s : s + chunk_size] = lse - (probs * logits).sum(-1)
+            if want_stats:
+                with torch.no_grad():
+                    log_probs = logits - lse[:, None]
+                    stats[0, s : s + chunk_size] = -(log_probs.exp() * log_probs).sum(-1)
+                    stats[1, s : s + chunk_size] = logits.mean(-1)
+                    stats[2, s : s + chunk_size] = torch.logsumexp(2 * log_probs, dim=-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        if entropy is None:
-            entropy = torch.zeros(0, device=hidden.device)
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        ctx.mark_non_differentiable(stats)
+        return logp, stats
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
+    def backward(ctx, grad_logp, _grad_stats):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -78,14 +84,18 @@ class _HeadLogProb(torch.autograd.Function):
 class TokenLogps:
     """Per-token results aligned with input positions: entry [b, t] is about token t (0 where unscored).
 
-    logps    [B, T] float32, log p(token_t | tokens_<t)
-    entropy  [B, T] float32 or None, entropy of the predictive distribution at t (detached)
-    mask     [B, T] float32, 1 where scored
+    logps        [B, T] float32, log p(token_t | tokens_<t)
+    mask         [B, T] float32, 1 where scored
+    entropy      [B, T] float32 or None, entropy of the predictive distribution at t (detached)
+    logits_mean  [B, T] float32 or None, mean logit over the vocabulary at t (detached)
+    log_p2       [B, T] float32 or None, log sum_v p_v^2 at t (detached; WPO)
     """
 
     logps: torch.Tensor
-    entropy: torch.Tensor | None
     mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+    logits_mean: torch.Tensor | None = None
+    log_p2: torch.Tensor | None = None
 
     def sums(self) -> torch.Tensor:
         return self.logps.sum(-1)
@@ -111,7 +121,7 @@ def token_logps(
     *,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
-    with_entropy: bool = False,
+    with_stats: bool = False,
 ) -> TokenLogps:
     """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring)."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
@@ -124,16 +134,18 @@ def token_logps(
     head = unwrap(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, ent = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, with_entropy)
+        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, with_stats)
     else:
         with torch.no_grad():
-            flat, ent = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, with_entropy)
-    logps = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_put((b_idx, t_idx), flat)
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device).index_put((b_idx, t_idx), ent)
-    return TokenLogps(logps, entropy, mask.float())
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, with_stats)
+
+    def scatter(values):
+        return torch.zeros((B, T), dtype=torch.float32, device=input_ids.device).index_put((b_idx, t_idx), values)
+
+    out = TokenLogps(scatter(flat), mask.float())
+    if with_stats:
+        out.entropy, out.logits_mean, out.log_p2 = scatter(stats[0]), scatter(stats[1]), scatter(stats[2])
+    return out
 
 
 class _NoCtx:
