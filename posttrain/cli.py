@@ -15,6 +15,7 @@ from posttrain.config import UserError, describe, load_config
 # only for the command asked for.
 COMMANDS = {
     "sft": ("posttrain.algorithms.sft", "supervised fine-tuning on text, prompt-completion or conversations"),
+    "dpo": ("posttrain.algorithms.dpo", "preference optimisation: DPO family, SimPO, CPO, ORPO on (prompt, chosen, rejected)"),
 }
 
 

@@ -1,0 +1,374 @@
+"""Direct preference optimisation and its family (DPO, IPO, cDPO/robust, f-DPO, TR-DPO, EXO, NCA, SLiC,
+RPO, ...) plus the reference-free SimPO, CPO and ORPO, on pairs (prompt, chosen, rejected).
+
+DPO: Rafailov et al. 2023, arXiv:2305.18290, eq. 7:
+    L = -log sigma(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+The losses themselves are pure functions in `posttrain.losses.preference`; this module only computes the
+sequence log-probs they take: one forward over chosen and rejected together (the batch is [chosen; rejected]),
+through the shared log-prob routine, so prompt tokens and padding never contribute.
+
+Reference strategies (`reference_strategy` in the metrics summary):
+  none         the loss is reference-free (simpo, cpo, orpo, sft): no reference is loaded.
+  precomputed  `precompute_ref_log_probs: true`: one pass before training, cached on disk keyed by model,
+               data and tokenization settings; no reference model is kept in memory.
+  adapter      LoRA: the same model with the adapter disabled (no second copy of the weights).
+  copy         a frozen copy of the starting policy (or `ref_model: PATH`). TR-DPO (Gorbatovski et al. 2024,
+               arXiv:2404.09656) updates it: soft ref <- alpha * policy + (1 - alpha) * ref, or a hard copy
+               when alpha = 1, every `ref_model_sync_steps`.
+Evaluation always scores against the true reference: the precomputed values, the adapter-off model, or the
+frozen copy; never the policy being trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import TrainConfig, UserError, opt
+from posttrain.data import encode_dataset, load_train_eval
+from posttrain.data.tokenize import Encoded, encode_pair, truncate_pair
+from posttrain.engine import Algorithm, Engine, is_main
+from posttrain.logprobs import token_logps
+from posttrain.losses.preference import (
+    LOSS_OPTION_DEFAULTS,
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE_LOSSES,
+    ld_logps,
+    preference_loss,
+    wpo_weights,
+)
+from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, prepare_model, resolve_model_path
+
+log = logging.getLogger("posttrain")
+
+DEFAULT_DATASET = "arithmetic"
+
+
+@dataclass
+class Config(TrainConfig):
+    """Preference optimisation on (prompt, chosen, rejected) pairs: the DPO family and the reference-free
+    SimPO / CPO / ORPO. `batch_size` and `micro_batch_size` count PAIRS. With no dataset: pairs from the
+    built-in arithmetic task (correct answer chosen, a plausible wrong one rejected)."""
+
+    loss_type: list = opt(["sigmoid"], "Loss name(s); a list is a weighted sum (see loss_weights). Names as in TRL.")
+    loss_weights: list | None = opt(None, "Weights of the loss_type terms (default: all 1).")
+    beta: float | None = opt(None, "Inverse temperature of the implicit reward (default 0.1; 2.5 for simpo).")
+    label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate (0 <= eps < 0.5).")
+    f_divergence: str = opt("reverse_kl", "f-DPO divergence.", ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha: float = opt(0.5, "Alpha of alpha_divergence (TRL's convention: 1 is reverse KL).")
+    rpo_alpha: float | None = opt(None, "RPO: add alpha x NLL of the chosen completion.")
+    ld_alpha: float | None = opt(None, "LD-DPO: weight of the log-probs of tokens past the shorter completion.")
+    use_weighting: bool = opt(False, "WPO: weight pairs by the policy's own probability of them.")
+    slic_delta: float = opt(LOSS_OPTION_DEFAULTS["slic_delta"], "hinge (SLiC) margin.")
+    bco_delta: float = opt(LOSS_OPTION_DEFAULTS["bco_delta"], "bco_pair reward shift.")
+    discopop_tau: float = opt(LOSS_OPTION_DEFAULTS["discopop_tau"], "DiscoPOP temperature.")
+    simpo_gamma: float = opt(LOSS_OPTION_DEFAULTS["simpo_gamma"], "SimPO target margin.")
+    cpo_alpha: float = opt(LOSS_OPTION_DEFAULTS["cpo_alpha"], "Weight of the chosen NLL in cpo and simpo (0: pure SimPO).")
+    ref_model: str | None = opt(None, "Reference model path (default: the starting policy).")
+    precompute_ref_log_probs: bool = opt(False, "Score the data with the reference once, cache it, keep no reference in memory.")
+    sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy during training.")
+    ref_model_mixup_alpha: float = opt(0.6, "TR-DPO soft update weight (1.0 = hard copy).")
+    ref_model_sync_steps: int = opt(512, "TR-DPO: update the reference every N optimizer steps.")
+    learning_rate: float | None = opt(None, "Peak learning rate (default 5e-7 full fine-tuning, 5e-6 with LoRA).")  # type: ignore[assignment]
+    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent warming up linearly from 0.")
+    max_length: int = opt(512, "Maximum tokens of prompt + completion, per side of the pair.")
+    command = "dpo"
+
+    def validate(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = 5e-6 if self.lora is not None else 5e-7
+        super().validate()
+        unknown = [n for n in self.loss_type if n not in PREFERENCE_LOSSES]
+        if unknown:
+            raise UserError(f"loss_type: unknown {unknown[0]!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
+        if self.beta is None:
+            self.beta = 2.5 if self.loss_type == ["simpo"] else 0.1
+        if self.beta <= 0:
+            raise UserError("beta must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError("label_smoothing must be in [0, 0.5)")
+        if self.beta < 0.01 or self.beta > 1 and self.loss_type != ["simpo"]:
+            log.warning(f"beta={self.beta} is outside the usual range [0.01, 1]")
+        if self.sync_ref_model and (self.precompute_ref_log_probs or self.lora is not None):
+            raise UserError("sync_ref_model needs a reference copy: not with precompute_ref_log_probs or lora")
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise UserError("ref_model_mixup_alpha must be in (0, 1]")
+        if self.ref_model_sync_steps < 1:
+            raise UserError("ref_model_sync_steps must be >= 1")
+        try:  # option/loss compatibility, checked on dummy tensors before any model is loaded
+            z = torch.zeros(1)
+            preference_loss(self.loss_type, z, z, z, z, chosen_lengths=z + 1, rejected_lengths=z + 1, **self.loss_kwargs())
+        except ValueError as e:
+            raise UserError(f"loss_type: {e}") from None
+
+    def reference_free(self) -> bool:
+        names = set(self.loss_type) | ({"sft"} if self.rpo_alpha else set())
+        return names <= REFERENCE_FREE_LOSSES
+
+    def loss_kwargs(self) -> dict:
+        kw = dict(beta=self.beta, label_smoothing=self.label_smoothing, f_divergence=self.f_divergence,
+                  f_alpha=self.f_alpha, loss_weights=self.loss_weights, rpo_alpha=self.rpo_alpha)
+        for name, default in LOSS_OPTION_DEFAULTS.items():
+            if getattr(self, name) != default:  # only options the user changed: others are loss-checked
+                kw[name] = getattr(self, name)
+        return kw
+
+
+@dataclass
+class Pair:
+    index: int
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+@dataclass
+class PairBatch:
+    """[chosen; rejected] stacked: rows 0..B-1 chosen, B..2B-1 rejected, right-padded to one width.
+
+    input_ids, attention_mask, loss_mask  [2B, T]
+    ref_logps                              [2B] precomputed reference sums, or None
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    ref_logps: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def encode_preference(tok, data: dict, index: int, max_length: int, max_prompt_length: int | None) -> Pair | None:
+    sides = []
+    for key in ("chosen", "rejected"):
+        pair = truncate_pair(*encode_pair(tok, data["prompt"], data[key]), max_length, max_prompt_length)
+        if pair is None:
+            return None
+        p, c = pair
+        sides.append(Encoded(p + c, [0] * len(p) + [1] * len(c)))
+    return Pair(index, *sides)
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s.input_ids)
+        attn[i, : len(s)] = 1
+        mask[i, : len(s)] = torch.tensor(s.mask)
+    ref = None
+    if pairs[0].ref_chosen is not None:
+        ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
+    return PairBatch(ids, attn, mask, ref)
+
+
+class DPO(Algorithm):
+    def __init__(self, cfg: Config, pad_id: int, ref_model=None):
+        self.cfg, self.pad_id, self.ref_model = cfg, pad_id, ref_model
+        self.kwargs = cfg.loss_kwargs()
+
+    @property
+    def strategy(self) -> str:
+        if self.cfg.reference_free():
+            return "none"
+        if self.cfg.precompute_ref_log_probs:
+            return "precomputed"
+        return "copy" if self.ref_model is not None else "adapter"
+
+    def prepare(self, model, examples: list) -> list:
+        size = self.cfg.micro_batch_size
+        return [collate_pairs(examples[i : i + size], self.pad_id) for i in range(0, len(examples), size)]
+
+    def _sequence_logps(self, model, mb: PairBatch, with_stats: bool):
+        out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, with_stats=with_stats)
+        lengths = out.counts()
+        if self.cfg.ld_alpha is not None:
+            B = len(mb)
+            other = torch.cat([lengths[B:], lengths[:B]])
+            sums = ld_logps(out.logps, out.mask, other, self.cfg.ld_alpha)
+        else:
+            sums = out.sums()
+        return sums, lengths, out
+
+    def reference_logps(self, model, mb: PairBatch) -> torch.Tensor | None:
+        """[2B] reference sums for the batch, by strategy (always the true reference)."""
+        if self.strategy == "none":
+            return None
+        if self.strategy == "precomputed":
+            return mb.ref_logps
+        with torch.no_grad():
+            if self.strategy == "adapter":
+                with model.disable_adapter():
+                    return self._sequence_logps(model, mb, False)[0]
+            return self._sequence_logps(self.ref_model, mb, False)[0]
+
+    def _compute(self, model, mb: PairBatch):
+        B = len(mb)
+        ref = self.reference_logps(model, mb)
+        logps, lengths, out = self._sequence_logps(model, mb, with_stats=True)
+        weights = None
+        if self.cfg.use_weighting:
+            # WPO: mean over tokens of (log p - log sum_v p_v^2), chosen + rejected, exp, clamped at 0.
+            adjusted = ((out.logps - out.log_p2) * out.mask).sum(-1) / lengths.clamp(min=1)
+            weights = wpo_weights(adjusted[:B], adjusted[B:])
+        res = preference_loss(
+            self.cfg.loss_type,
+            logps[:B],
+            logps[B:],
+            None if ref is None else ref[:B],
+            None if ref is None else ref[B:],
+            chosen_lengths=lengths[:B],
+            rejected_lengths=lengths[B:],
+            weights=weights,
+            **self.kwargs,
+        )
+        logit_mean = (out.logits_mean * out.mask).sum(-1) / lengths.clamp(min=1)
+        metrics = {
+            "rewards/chosen": res.chosen_rewards.mean(),
+            "rewards/rejected": res.rejected_rewards.mean(),
+            "rewards/margins": (res.chosen_rewards - res.rejected_rewards).mean(),
+            "rewards/accuracies": (res.chosen_rewards > res.rejected_rewards).float().mean(),
+            "logps/chosen": logps[:B].detach().mean(),
+            "logps/rejected": logps[B:].detach().mean(),
+            "logits/chosen": logit_mean[:B].mean(),
+            "logits/rejected": logit_mean[B:].mean(),
+        }
+        for k, v in res.metrics.items():
+            metrics[k] = v.detach().float().mean()
+        return res.losses, metrics
+
+    def loss(self, model, mb: PairBatch, total_items: float):
+        losses, metrics = self._compute(model, mb)
+        return losses.sum() / total_items, {k: float(v) for k, v in metrics.items()}
+
+    def evaluate(self, model, examples: list) -> dict:
+        sums: dict[str, float] = {}
+        n = 0
+        for mb in self.prepare(model, examples):
+            losses, metrics = self._compute(model, mb)
+            b = len(mb)
+            n += b
+            sums["loss"] = sums.get("loss", 0.0) + float(losses.sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * b
+        return {k: v / n for k, v in sums.items()}
+
+    def on_step_end(self, model, step: int) -> None:
+        if self.cfg.sync_ref_model and step % self.cfg.ref_model_sync_steps == 0:
+            sync_reference(self.ref_model, model, self.cfg.ref_model_mixup_alpha)
+
+    def state_dict(self) -> dict:
+        if self.cfg.sync_ref_model:  # the moving reference is part of the run's state
+            return {"ref_model": {k: v.clone() for k, v in self.ref_model.state_dict().items()}}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ref_model" in state:
+            self.ref_model.load_state_dict(state["ref_model"])
+
+
+@torch.no_grad()
+def sync_reference(ref_model, policy, alpha: float) -> None:
+    """TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard copy)."""
+    policy_params = dict(policy.named_parameters())
+    for name, p in ref_model.named_parameters():
+        p.mul_(1 - alpha).add_(policy_params[name].detach(), alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Precomputed reference log-probs
+
+
+def _cache_key(cfg: Config, model_path: str, pairs: list[Pair]) -> str:
+    """Model (path + weight file sizes and times), tokenized data and settings that change the values."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model_path, cfg.max_length, cfg.max_prompt_length, cfg.ld_alpha]).encode())
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    for f in weights:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for p in pairs:
+        h.update(str(p.chosen.input_ids).encode() + b"|" + str(p.rejected.input_ids).encode() + b"|" + str(p.chosen.mask).encode())
+    return h.hexdigest()[:24]
+
+
+def precompute_reference(cfg: Config, algo: DPO, model, pairs: list[Pair], label: str) -> str:
+    """Fill pair.ref_chosen / ref_rejected, from the disk cache when the same model+data+settings ran before."""
+    key = _cache_key(cfg, resolve_model_path(cfg.ref_model or cfg.model), pairs)
+    path = cache_dir() / "ref_logps" / f"{key}.pt"
+    if path.exists():
+        values = torch.load(path)
+        source = f"cache {path}"
+    else:
+        ref = algo.ref_model if algo.ref_model is not None else model
+        ctx = model.disable_adapter() if (algo.ref_model is None and is_peft(model)) else nullcontext()
+        values = torch.empty(len(pairs), 2)
+        was_training = ref.training
+        ref.eval()
+        with torch.no_grad(), ctx:
+            for i in range(0, len(pairs), cfg.eval_batch_size):
+                chunk = pairs[i : i + cfg.eval_batch_size]
+                mb = collate_pairs([Pair(p.index, p.chosen, p.rejected) for p in chunk], algo.pad_id)
+                sums = algo._sequence_logps(ref, mb, False)[0]
+                values[i : i + len(chunk), 0] = sums[: len(chunk)]
+                values[i : i + len(chunk), 1] = sums[len(chunk) :]
+        ref.train(was_training)
+        if is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(values, tmp)
+            tmp.replace(path)
+        source = f"computed, cached at {path}"
+    for p, (c, r) in zip(pairs, values.tolist()):
+        p.ref_chosen, p.ref_rejected = c, r
+    return source
+
+
+def run(cfg: Config):
+    train, evald = load_train_eval(cfg, "preference", DEFAULT_DATASET)
+    tok, model = prepare_model(cfg)
+    if {"orpo"} & set(cfg.loss_type) and not tok.chat_template:
+        log.warning("ORPO on a model without a chat template (a base model?): it can learn the preferences "
+                    "but lose instruction following; start from an instruction-tuned model")
+
+    def encoder(ds):
+        counter = iter(range(len(ds.rows)))
+        return lambda data: encode_preference(tok, data, next(counter), cfg.max_length, cfg.max_prompt_length)
+
+    pairs = encode_dataset(train, encoder(train))
+    eval_pairs = encode_dataset(evald, encoder(evald)) if evald else None
+
+    ref_model = None
+    needs_copy = not cfg.reference_free() and (cfg.lora is None or cfg.ref_model)
+    if needs_copy:
+        if cfg.ref_model:
+            ref_model = load_model(cfg.ref_model, cfg.trust_remote_code)
+            ref_model.eval().requires_grad_(False)
+        elif not cfg.precompute_ref_log_probs:
+            ref_model = frozen_copy(model)
+    algo = DPO(cfg, tok.pad_token_id, ref_model)
+    if cfg.precompute_ref_log_probs and not cfg.reference_free():
+        log.info(f"reference log-probs for {len(pairs)} pairs: {precompute_reference(cfg, algo, model, pairs, 'train')}")
+        if eval_pairs:
+            precompute_reference(cfg, algo, model, eval_pairs, "eval")
+        algo.ref_model = None  # nothing of the reference stays in memory
+    if is_main():
+        log.info(f"dpo: loss {'+'.join(cfg.loss_type)}, beta {cfg.beta}, reference: {algo.strategy}")
+    return Engine(cfg, model, tok, algo, pairs, eval_pairs).train()
