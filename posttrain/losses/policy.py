@@ -1,0 +1,386 @@
+"""GRPO family: group-relative advantages and one clipped policy-gradient loss.
+
+Every variant is a setting of two functions:
+
+| method   | group_advantages                               | policy_loss                                        |
+|----------|------------------------------------------------|----------------------------------------------------|
+| GRPO     | scale="group"                                  | loss_type="grpo"                                   |
+| Dr. GRPO | scale="none"                                   | loss_type="dr_grpo", max_completion_length=L       |
+| DAPO     | scale="group"                                  | loss_type="dapo", epsilon_high=0.28 (clip-higher)  |
+| GSPO     | scale="group"                                  | importance_sampling_level="sequence"               |
+| GDPO     | aggregation="normalize_then_sum", R rewards    | any                                                |
+| 2-GRPO   | group_size=2                                   | any                                                |
+
+Numerics follow TRL's ``GRPOTrainer`` (``_generate_and_score_completions`` and ``_compute_loss``).
+
+Gradient accumulation and the loss denominator
+----------------------------------------------
+``policy_loss`` returns numerator / ``num_items``. The numerator is a sum over this micro-batch (of
+per-sequence token means for ``grpo``, of masked token losses for ``dr_grpo`` and ``dapo``), so when the
+engine passes the denominator of the whole optimizer step, obtained by adding :func:`loss_denominator` over
+every micro-batch (and every rank), the micro-batch losses add up to exactly the loss of one big batch, and so
+do their gradients, however the batch is split:
+
+* ``grpo``:    num_items = number of sequences in the step            (default: this batch's B)
+* ``dr_grpo``: num_items = number of sequences * max_completion_length (default: B * max_completion_length)
+* ``dapo``:    num_items = number of unmasked tokens in the step       (default: this batch's token count)
+* ``bnpo``:    the token mean of this micro-batch; it is defined per micro-batch, ``num_items`` is ignored and
+               the engine divides by the number of accumulation steps itself, as TRL does.
+
+With the defaults, the ``grpo``/``bnpo``/``dr_grpo`` loss of a micro-batch is TRL's before TRL divides it
+by the number of accumulation steps; for equal micro-batches the global ``num_items`` performs exactly that
+division. Under DDP, which averages gradients over the ``W`` ranks, pass ``num_items / W`` to keep the same
+gradient (TRL's ``dapo`` divides by ``num_items_in_batch / num_processes`` for this reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AGGREGATIONS",
+    "group_advantages",
+    "group_stats",
+    "k3_kl",
+    "loss_denominator",
+    "policy_loss",
+]
+
+_SCALES = ("group", "batch", "none")
+_STDS = ("unbiased", "population")
+_AGGREGATIONS_OF_REWARDS = ("sum_then_normalize", "normalize_then_sum")
+_IS_LEVELS = ("token", "sequence")
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _nan_mean_std(x: Tensor, dim: int | None, unbiased: bool) -> tuple[Tensor, Tensor]:
+    """Mean and std over ``dim`` ignoring NaNs (keepdim). Fewer than 2 values with Bessel's correction, or
+    none at all, give NaN, which callers turn into a zero advantage (TRL's ``nanstd`` does the same)."""
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim=dim, keepdim=True).to(x.dtype)
+    mean = torch.nansum(x, dim=dim, keepdim=True) / count
+    sq = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
+    dof = count - 1 if unbiased else count
+    var = sq.sum(dim=dim, keepdim=True) / dof
+    var = torch.where(dof > 0, var, torch.full_like(var, float("nan")))  # not -0/0 = 0 for an empty group
+    return mean, var.sqrt()
+
+
+def _combine(rewards: Tensor, group_size: int, reward_weights) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Validate shapes; return rewards as [N, R], weights [R], the unscorable-row mask [N], and R."""
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.get_default_dtype())
+    if rewards.ndim == 1:
+        rewards = rewards.unsqueeze(1)
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [N] or [N, R]; got {tuple(rewards.shape)}")
+    n, r = rewards.shape
+    if group_size < 1 or n % group_size != 0:
+        raise ValueError(f"{n} rewards cannot be split into groups of {group_size}")
+    if reward_weights is None:
+        weights = torch.ones(r, dtype=rewards.dtype, device=rewards.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=rewards.dtype, device=rewards.device)
+        if weights.shape != (r,):
+            raise ValueError(
+                f"reward_weights must have {r} entries (one per reward function); got {tuple(weights.shape)}"
+            )
+    # A completion that every reward function declined to score (all NaN) carries no signal: nansum would
+    # turn it into a 0 reward that biases its group's baseline, so it is kept NaN and left out instead.
+    unscorable = torch.isnan(rewards).all(dim=1)
+    return rewards, weights, unscorable, r
+
+
+def _advantages(rewards, group_size, scale, std, aggregation, reward_weights, eps):
+    """Shared core of group_advantages / group_stats.
+
+    Returns (advantages [N], the std each row was normalised by [N], rewards [N, R], weights [R],
+    unscorable mask [N])."""
+    _check("scale", scale, _SCALES)
+    _check("std", std, _STDS)
+    _check("aggregation", aggregation, _AGGREGATIONS_OF_REWARDS)
+    rewards, weights, unscorable, r = _combine(rewards, group_size, reward_weights)
+    unbiased = std == "unbiased"
+    n = rewards.shape[0]
+
+    if aggregation == "sum_then_normalize":
+        total = torch.nansum(rewards * weights, dim=1)
+        total = total.masked_fill(unscorable, float("nan"))
+        grouped = total.view(-1, group_size)
+        mean, group_std = _nan_mean_std(grouped, dim=1, unbiased=unbiased)
+        mean = mean.expand_as(grouped).reshape(n)
+        group_std = group_std.expand_as(grouped).reshape(n)
+        if scale == "batch":
+            row_std = _nan_mean_std(total, dim=None, unbiased=unbiased)[1].expand(n)
+        else:  # "none" still reports the group std, for frac_reward_zero_std
+            row_std = group_std
+        advantages = total - mean
+        if scale != "none":
+            advantages = advantages / (row_std + eps)
+    else:
+        if scale != "group":
+            raise ValueError(
+                "aggregation='normalize_then_sum' (GDPO) always normalises each reward within its group and "
+                f"then over the batch; scale must be 'group', got {scale!r}"
+            )
+        grouped = rewards.view(-1, group_size, r)
+        mean_k, std_k = _nan_mean_std(grouped, dim=1, unbiased=unbiased)
+        per_reward = ((grouped - mean_k) / (std_k + eps)).reshape(n, r)
+        total = torch.nansum(per_reward * weights, dim=1)
+        total = total.masked_fill(unscorable, float("nan"))
+        batch_mean, batch_std = _nan_mean_std(total, dim=None, unbiased=unbiased)
+        row_std = batch_std.expand(n)
+        advantages = (total - batch_mean) / (row_std + eps)
+
+    # NaN here means "no signal" (unscorable row, or a group with a single scorable completion).
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    return advantages, row_std, rewards, weights, unscorable
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: str = "group",
+    std: str = "unbiased",
+    aggregation: str = "sum_then_normalize",
+    reward_weights=None,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Group-relative advantages A_i, one per completion.
+
+    ``rewards`` is [N] or [N, R] (R reward functions), N = groups * group_size with the rows of a group
+    contiguous. A NaN entry means that reward function did not score that completion.
+
+    ``aggregation="sum_then_normalize"`` (GRPO, Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.2 outcome
+    supervision, A_i = (r_i - mean(r)) / std(r)): r_i = nansum_k w_k r_ik, then
+      * ``scale="group"``: (r_i - group mean) / (group std + eps)   (GRPO)
+      * ``scale="batch"``: (r_i - group mean) / (batch std + eps)   (TRL's scale_rewards="batch")
+      * ``scale="none"``:  r_i - group mean                         (Dr. GRPO, Liu et al. 2025,
+        arXiv 2503.20783: dividing by std(r) weights prompts by difficulty, so it is removed)
+
+    ``aggregation="normalize_then_sum"`` (GDPO: "Group reward-Decoupled Normalization Policy Optimization for
+    Multi-reward RL Optimization", Liu et al. 2026, arXiv 2601.05242): each reward is normalised within its
+    group, (r_ik - mean_k) / (std_k + eps), the results are summed with the weights, and the sum is
+    normalised over the batch, (s_i - mean(s)) / (std(s) + eps). Summing first lets different reward
+    combinations collapse to the same advantage; normalising each reward first keeps them apart. ``scale``
+    must be "group" here.
+
+    ``std``: "unbiased" (Bessel-corrected, as TRL) or "population". Groups of two with unbiased std give
+    +-1/sqrt(2) or 0 (2-GRPO, "It Takes Two: Your GRPO Is Secretly DPO", Wu et al. 2025, arXiv 2510.00977).
+
+    A group whose rewards are all equal gets zeros (never NaN). A row whose rewards are all NaN is
+    unscorable: it is left out of every mean and std and its advantage is 0; an all-NaN group gives zeros.
+    """
+    return _advantages(rewards, group_size, scale, std, aggregation, reward_weights, eps)[0]
+
+
+def group_stats(
+    rewards: Tensor,
+    group_size: int,
+    scale: str = "group",
+    std: str = "unbiased",
+    aggregation: str = "sum_then_normalize",
+    reward_weights=None,
+) -> dict[str, Tensor]:
+    """Reward metrics named as TRL logs them, for the same arguments as :func:`group_advantages`.
+
+    * ``reward``: mean of the weighted reward sum over scorable completions.
+    * ``reward_std``: std of that sum over the batch (``std`` chooses the estimator; TRL's is unbiased).
+    * ``frac_reward_zero_std``: fraction of completions whose normalising std is zero: the group std for
+      ``scale`` "group"/"none" (i.e. the share of groups that give no learning signal), the batch std for
+      "batch" and for GDPO, exactly as TRL computes it.
+    """
+    _, row_std, rewards, weights, unscorable = _advantages(
+        rewards, group_size, scale, std, aggregation, reward_weights, eps=0.0
+    )
+    total = torch.nansum(rewards * weights, dim=1).masked_fill(unscorable, float("nan"))
+    mean, batch_std = _nan_mean_std(total, dim=None, unbiased=std == "unbiased")
+    is_std_zero = torch.isclose(row_std, torch.zeros_like(row_std))
+    return {
+        "reward": mean.squeeze().detach(),
+        "reward_std": batch_std.squeeze().detach(),
+        "frac_reward_zero_std": is_std_zero.to(total.dtype).mean().detach(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Policy loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref), DeepSeekMath Eq. (4) (Shao et al. 2024,
+    arXiv 2402.03300): pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = exp(d) - d - 1 with d = ref - logp.
+    Non-negative, zero when the two agree, and its gradient is exp(d) - 1 per token."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def _aggregate_grpo(per_token_loss, mask, num_items=None, max_completion_length=None):
+    # GRPO, DeepSeekMath Eq. (3): 1/G sum_i 1/|o_i| sum_t. Empty sequences count as 0 (clamp avoids 0/0).
+    per_sequence = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_sequence.sum() / (per_sequence.shape[0] if num_items is None else num_items)
+
+
+def _aggregate_bnpo(per_token_loss, mask, num_items=None, max_completion_length=None):
+    # Token mean of this micro-batch; num_items is deliberately unused (see module docstring).
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _aggregate_dr_grpo(per_token_loss, mask, num_items=None, max_completion_length=None):
+    # Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): sum over tokens divided by a constant, so no sequence
+    # length bias; TRL's constant is B * max_completion_length.
+    if num_items is None:
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (or an explicit num_items)")
+        num_items = per_token_loss.shape[0] * max_completion_length
+    return (per_token_loss * mask).sum() / num_items
+
+
+def _aggregate_dapo(per_token_loss, mask, num_items=None, max_completion_length=None):
+    # DAPO token-level loss (Yu et al. 2025, arXiv 2503.14476): 1/sum_i |o_i| sum_i sum_t, where the sum of
+    # lengths runs over the whole accumulated batch, hence a global num_items.
+    return (per_token_loss * mask).sum() / (mask.sum().clamp(min=1.0) if num_items is None else num_items)
+
+
+AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
+    "grpo": _aggregate_grpo,
+    "bnpo": _aggregate_bnpo,
+    "dr_grpo": _aggregate_dr_grpo,
+    "dapo": _aggregate_dapo,
+}
+"""loss_type -> fn(per_token_loss [B, T], mask [B, T], num_items=None, max_completion_length=None) -> scalar."""
+
+
+def loss_denominator(loss_type: str, mask: Tensor, max_completion_length: int | None = None) -> Tensor | None:
+    """This micro-batch's share of ``num_items``: add it over all micro-batches of an optimizer step (and
+    all-reduce over ranks) and pass the total to :func:`policy_loss`. None for ``bnpo`` (per micro-batch)."""
+    _check("loss_type", loss_type, tuple(AGGREGATIONS))
+    batch = torch.tensor(float(mask.shape[0]), device=mask.device)
+    if loss_type == "grpo":
+        return batch
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        return batch * max_completion_length
+    if loss_type == "dapo":
+        return mask.sum().float()
+    return None
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    importance_sampling_level: str = "token",
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss of the GRPO family (to minimise), as TRL's ``GRPOTrainer._compute_loss``.
+
+    Per token (GRPO objective, DeepSeekMath Eq. 3, negated):
+
+        loss_t = -min(w_t * A, clip(w_t, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3_t
+
+    * ``w_t`` with ``importance_sampling_level="token"``: exp(logp_t - old_logp_t) (GRPO/DAPO).
+      With ``"sequence"`` (GSPO, Zheng et al. 2025, arXiv 2507.18071, Eq. 5): one ratio per sequence,
+      s_i = exp(mean over the sequence's unmasked tokens of (logp_t - old_logp_t)), shared by its tokens;
+      the gradient flows through the mean, exactly as TRL's "sequence" level.
+    * ``epsilon_high`` (default ``epsilon``): DAPO's decoupled clip-higher bound (Yu et al. 2025,
+      arXiv 2503.14476).
+    * ``delta``: two-sided / dual clip (INTELLECT-2 report, arXiv 2505.07291; TRL's ``delta``): the
+      unclipped ratio is capped at ``delta`` (> 1 + epsilon_high), which bounds the loss of tokens with
+      negative advantage and a very large ratio; for positive advantages it changes nothing.
+    * ``k3_t``: :func:`k3_kl` against ``ref_logps``, required when ``beta != 0``.
+
+    The per-token losses are reduced by ``AGGREGATIONS[loss_type]`` (see the module docstring for
+    ``num_items``): ``grpo`` mean over each sequence's tokens then over sequences; ``bnpo`` token mean of
+    this batch; ``dr_grpo`` sum / (B * max_completion_length); ``dapo`` token sum / global token count.
+
+    Args:
+        logps, old_logps, ref_logps, mask: [B, T] per-token log-probs of the sampled completion tokens and the
+            completion mask. ``old_logps=None`` means on-policy (num_iterations=1): ``logps.detach()``.
+        advantages: [B], one per completion.
+
+    Returns:
+        ``(loss, metrics)``; metrics are detached and named as TRL logs them: ``kl`` (token mean of k3, when
+        ``ref_logps`` is given), ``clip_ratio/low_mean`` (ratio below 1 - epsilon with A < 0),
+        ``clip_ratio/high_mean`` (above 1 + epsilon_high with A > 0) and ``clip_ratio/region_mean`` (either).
+        They are token means, or sequence means at the "sequence" level. Entropy is the caller's.
+    """
+    _check("loss_type", loss_type, tuple(AGGREGATIONS))
+    _check("importance_sampling_level", importance_sampling_level, _IS_LEVELS)
+    if logps.ndim != 2 or mask.shape != logps.shape:
+        raise ValueError(
+            f"logps and mask must be [B, T] of one shape; got {tuple(logps.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages must be [B]={logps.shape[0]}; got {tuple(advantages.shape)}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("beta != 0 needs ref_logps")
+    epsilon_low = epsilon
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    if old_logps is None:
+        old_logps = logps.detach()
+
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_weights)  # [B, T] or [B, 1]
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+
+    adv = advantages.unsqueeze(1).to(logps.dtype)
+    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
+    per_token_kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = per_token_loss.expand_as(mask)
+
+    loss = AGGREGATIONS[loss_type](
+        per_token_loss, mask, num_items=num_items, max_completion_length=max_completion_length
+    )
+
+    with torch.no_grad():
+        token_count = mask.sum().clamp(min=1.0)
+
+        per_sequence = importance_sampling_level == "sequence"
+
+        def ratio_mean(x: Tensor) -> Tensor:
+            # Sequence-level ratios are one per sequence, so their clip fractions are sequence means (as TRL).
+            return x.mean() if per_sequence else (x * mask).sum() / token_count
+
+        is_low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
+        is_high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
+        metrics = {
+            "clip_ratio/low_mean": ratio_mean(is_low),
+            "clip_ratio/high_mean": ratio_mean(is_high),
+            "clip_ratio/region_mean": ratio_mean(torch.maximum(is_low, is_high)),
+        }
+        if per_token_kl is not None:
+            metrics["kl"] = (per_token_kl * mask).sum() / token_count
+    return loss, metrics
