@@ -40,6 +40,7 @@ KINDS = {
 class Row:
     data: dict
     source: str  # "file:line" for messages
+    error: str | None = None  # set when the row could not even be parsed (e.g. invalid JSON)
 
 
 @dataclass
@@ -58,32 +59,86 @@ def _read_file(path: Path) -> list[Row]:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                # A bad line becomes an error row, so skip_invalid can skip it like any other bad row.
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    rows.append(Row({}, f"{path}:{i}", f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"))
+                    continue
                 if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
+                    rows.append(Row({}, f"{path}:{i}", f"expected a JSON object per line, got {type(obj).__name__}"))
+                    continue
                 rows.append(Row(obj, f"{path}:{i}"))
         return rows
     if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
             obj = next(iter(obj.values()))  # {"data": [...]} / {"train": [...]}
         if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
             raise UserError(f"{path}: expected a JSON list of objects")
-        return [Row(o, f"{path}:item {i}") for i, o in enumerate(obj, 1)]
-    if suffix in (".parquet", ".csv"):
+        lines = _json_item_lines(text, len(obj))
+        return [Row(o, f"{path}:{line}" if line else f"{path}:item {i}") for i, (o, line) in enumerate(zip(obj, lines), 1)]
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
-        records = frame.to_dict(orient="records")
-        offset = 2 if suffix == ".csv" else 1  # csv line numbers count the header line
-        return [Row(_plain(r), f"{path}:{'line' if suffix == '.csv' else 'row'} {i + offset}") for i, r in enumerate(records)]
+        records = pd.read_parquet(path).to_dict(orient="records")
+        return [Row(_plain(r), f"{path}:row {i}") for i, r in enumerate(records, 1)]
     raise UserError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
+
+
+def _json_item_lines(text: str, n: int) -> list[int | None]:
+    """Line number where each item of a top-level JSON array starts (None for other layouts)."""
+    start = text.lstrip()
+    if not start.startswith("["):
+        return [None] * n
+    decoder, lines = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while len(lines) < n:
+        while text[i] in " \t\r\n,":
+            i += 1
+        lines.append(text.count("\n", 0, i) + 1)
+        i = decoder.raw_decode(text, i)[1]
+    return lines
+
+
+def _read_csv(path: Path) -> list[Row]:
+    """CSV rows with the physical line each starts on (quoted cells may span lines).
+
+    CSV cells are strings, so two conventions make every format expressible: a cell holding a JSON list
+    or object (e.g. a conversation, `[{"role": "user", ...}]`) is decoded, and a `label` column of
+    true/false (any case) becomes a boolean.
+    """
+    import csv
+
+    rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        start = reader.line_num + 1
+        for record in reader:
+            data = {k: _csv_cell(k, v) for k, v in record.items() if k is not None}
+            rows.append(Row(data, f"{path}:{start}"))
+            start = reader.line_num + 1
+    return rows
+
+
+def _csv_cell(key: str, value: str | None):
+    if value is None:
+        return None
+    text = value.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value
+    if key == "label" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return value
 
 
 def _plain(obj: Any) -> Any:
@@ -101,7 +156,10 @@ def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
     """Rows from a file, a folder of files, a built-in task, or a hub dataset (needs internet)."""
     from posttrain.data.tasks import builtin_task
 
-    rows = builtin_task(spec, "preference" if kind == "unpaired" else kind)
+    try:
+        rows = builtin_task(spec, "preference" if kind == "unpaired" else kind)
+    except ValueError as e:  # a bad option in a built-in task name is the user's input problem
+        raise UserError(f"{spec}: {e}") from None
     if rows is not None:
         return [Row(r, f"{spec}:row {i}") for i, r in enumerate(rows, 1)]
     path = Path(spec).expanduser()
@@ -121,6 +179,14 @@ def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's input problem here
         raise UserError(f"{spec}: not a file, folder, built-in task, or loadable hub dataset ({str(e).splitlines()[0]})") from None
     return [Row(_plain(r), f"{spec}[{split}]:row {i}") for i, r in enumerate(ds, 1)]
+
+
+def sft_view(data: dict) -> dict:
+    """For SFT only: a row with `prompt` and `solution` but no `completion` (GSM8K/MATH-style rows such as
+    ../shared/data/gsm8k_train.jsonl) trains on the solution, i.e. `completion` = `solution`."""
+    if "prompt" in data and "solution" in data and "completion" not in data and not {"chosen", "rejected"} & set(data):
+        return {**data, "completion": data["solution"]}
+    return data
 
 
 def detect_format(data: dict) -> str | None:
@@ -192,6 +258,16 @@ def validate_row(data: dict, fmt: str, src: str) -> dict:
     for key in ("prompt", "completion", "chosen", "rejected"):
         if key in data and key in required + ("prompt",):
             _check_text_or_messages(data[key], key, src)
+    # Text and conversations cannot be mixed within a row: the prompt would be rendered with the chat
+    # template and the reply not, or the other way round.
+    if "prompt" in data:
+        for key in ("completion", "chosen", "rejected"):
+            if key in required and isinstance(data["prompt"], list) != isinstance(data[key], list):
+                kinds = {True: "a conversation", False: "text"}
+                raise UserError(
+                    f"{src}: field '{key}': is {kinds[isinstance(data[key], list)]} but 'prompt' is "
+                    f"{kinds[isinstance(data['prompt'], list)]}; both must be text or both conversations"
+                )
     if fmt == "unpaired" and not isinstance(data["label"], bool):
         raise UserError(f"{src}: field 'label': expected true or false, got {data['label']!r}")
     if fmt == "preference":
@@ -222,12 +298,18 @@ def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bo
     `kind` says what the command consumes (see KINDS); a file in another format is a one-line error.
     """
     rows = read_rows(spec, split, kind)
-    if not rows:
+    if kind == "sft":
+        rows = [Row(sft_view(r.data), r.source, r.error) for r in rows]
+    parsed = [r for r in rows if r.error is None]
+    if not parsed:
+        if rows and not skip_invalid:
+            raise UserError(f"{rows[0].source}: {rows[0].error}")
         raise UserError(f"{spec}: no rows")
-    fmt = detect_format(rows[0].data)
+    first = parsed[0]
+    fmt = detect_format(first.data)
     if fmt is None:
         raise UserError(
-            f"{rows[0].source}: cannot tell the data format from fields {sorted(rows[0].data)} "
+            f"{first.source}: cannot tell the data format from fields {sorted(first.data)} "
             "(expected text/messages, prompt+completion, prompt+chosen+rejected, prompt+completion+label, or prompt)"
         )
     if fmt not in KINDS[kind]:
@@ -235,9 +317,11 @@ def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bo
     good, skipped = [], Counter()
     for row in rows:
         try:
+            if row.error is not None:
+                raise UserError(f"{row.source}: {row.error}")
             row_fmt = detect_format(row.data)
-            if row_fmt != fmt and not (fmt == "language_modeling" and row_fmt == "language_modeling"):
-                raise UserError(f"{row.source}: row is in {str(row_fmt).replace('_', '-')} format but the file is {fmt.replace('_', '-')}")
+            if row_fmt != fmt:
+                _format_mismatch(row, row_fmt, fmt, first)
             good.append(Row(validate_row(row.data, fmt, row.source), row.source))
         except UserError as e:
             if not skip_invalid:
@@ -250,6 +334,21 @@ def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bo
     if not good:
         raise UserError(f"{spec}: every row is invalid")
     return Dataset(good, spec, fmt, skipped)
+
+
+def _format_mismatch(row: Row, row_fmt: str | None, fmt: str, first: Row) -> None:
+    """A row whose fields say another format: name the missing field when that explains it."""
+    needed = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
+              "unpaired": ("prompt", "completion", "label"), "prompt_only": ("prompt",),
+              "language_modeling": ("messages",) if "messages" in first.data else ("text",)}[fmt]
+    missing = [k for k in needed if k not in row.data]
+    # Missing when the row has none of the recognised fields, or part of the file format's fields.
+    if missing and (row_fmt is None or len(missing) < len(needed)):
+        raise UserError(f"{row.source}: missing field '{missing[0]}' (this file is in {fmt.replace('_', '-')} format)")
+    raise UserError(
+        f"{row.source}: fields {sorted(row.data)} are {row_fmt.replace('_', '-')} format, but the first row "
+        f"({first.source}) is {fmt.replace('_', '-')}; mixed formats in one dataset"
+    )
 
 
 def report_skipped(ds: Dataset) -> list[str]:
