@@ -15,6 +15,8 @@ from posttrain.config import UserError, describe, load_config
 # only for the command asked for.
 COMMANDS = {
     "sft": ("posttrain.algorithms.sft", "supervised fine-tuning on text, prompt-completion or conversations"),
+    "grpo": ("posttrain.algorithms.grpo", "GRPO family (GRPO, Dr. GRPO, DAPO, GSPO, GDPO, 2-GRPO) with verifiable rewards"),
+    "eval": ("posttrain.evaluate", "greedy accuracy / pass@k of a model on prompts with a verifier"),
     "dpo": ("posttrain.algorithms.dpo", "preference optimisation: DPO family, SimPO, CPO, ORPO on (prompt, chosen, rejected)"),
 }
 

@@ -88,6 +88,10 @@ class Algorithm(abc.ABC):
     def on_step_end(self, model, step: int) -> None:
         """Hook after each optimizer step (e.g. TR-DPO's reference sync)."""
 
+    def step_metrics(self) -> dict:
+        """Metrics of the step that are not per micro-batch (e.g. rollout rewards, generation time)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -364,6 +368,7 @@ class Engine:
                         break
                     ts = time.time()
                     metrics = self._run_step(micro_batches)
+                    metrics.update(self.algo.step_metrics())
                     self.algo.on_step_end(self.model, step + 1)
                     step += 1
                     elapsed = time.time() - ts
