@@ -45,9 +45,6 @@ class SFT(Algorithm):
     def num_items(self, mb) -> float:
         return float(mb.loss_mask[:, 1:].sum())
 
-    def num_tokens(self, mb) -> int:
-        return int((mb.input_ids != -1).sum()) if mb.position_ids is not None else mb.num_tokens
-
     def loss(self, model, mb, total_items: float):
         out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, mb.position_ids)
         nll_sum = -(out.logps * out.mask).sum()

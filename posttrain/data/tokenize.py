@@ -117,6 +117,8 @@ def encode_conversation(tok, messages, assistant_only: bool) -> Encoded:
         ids += piece_ids
         mask += piece_mask
         rendered = text
+    if not assistant_only:
+        mask = [1] * len(ids)  # every token is a target (TRL's assistant_only_loss=False)
     return Encoded(ids, mask)
 
 
@@ -177,6 +179,8 @@ class LMBatch:
 
     @property
     def num_tokens(self) -> int:
+        if self.attention_mask.ndim == 4:  # packed: a real token attends to itself, padding to nothing
+            return int(self.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).sum())
         return int(self.attention_mask.sum())
 
 
