@@ -108,6 +108,14 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None):
     """Final-layer hidden states [B, T, H] (after the last norm) from the model's decoder."""
     base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    if attention_mask is not None and attention_mask.ndim == 4 and attention_mask.dtype == torch.bool:
+        # Packed rows' [B, 1, T, T] block mask: transformers passes 4-D masks straight to the attention
+        # kernel, and the eager kernel *adds* the mask, so a boolean one would be silently wrong there.
+        # The additive form (0 = attend, dtype minimum = blocked) is exact for eager and SDPA alike.
+        dtype = base.get_input_embeddings().weight.dtype
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill_(
+            ~attention_mask, torch.finfo(dtype).min
+        )
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
