@@ -157,10 +157,7 @@ def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
     from posttrain.data.tasks import builtin_task
 
     try:
-        try:
         rows = builtin_task(spec, "preference" if kind == "unpaired" else kind)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     except ValueError as e:  # a bad option in a built-in task name is the user's input problem
         raise UserError(f"{spec}: {e}") from None
     if rows is not None:
