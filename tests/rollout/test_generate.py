@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+
+from posttrain.rollout.generate import HFEngine, Rollout, filter_logits
+from posttrain.testing import tiny_model
+
+PROMPTS = ["What is 12 + 7?", "Human: How do I bake bread?", "the a"]
+
+
+@pytest.fixture
+def model(tokenizer):
+    """The tiny model with weights redrawn at std 0.5: at its default init greedy decoding just repeats the last
+    prompt token, which would hide position or padding bugs; these weights give varied, context-dependent text."""
+    m = tiny_model(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m
+
+
+def _prompt_ids(tokenizer, texts=PROMPTS):
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def _hf_greedy(model, tokenizer, prompt_ids, max_new_tokens):
+    """Reference: transformers' own generate on the same left-padded batch."""
+    L = max(map(len, prompt_ids))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (L - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    return out[:, L:]
+
+
+def _teacher_forced_logps(model, prompt, completion, temperature):
+    """log-softmax(logits / T) of each completion token, from one unpadded forward of prompt + completion."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+    return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def test_greedy_matches_transformers_generate(model, tokenizer):
+    prompts = _prompt_ids(tokenizer)
+    assert len({len(p) for p in prompts}) == 3  # different lengths, so left padding is exercised
+    ref = _hf_greedy(model, tokenizer, prompts, 12)
+    ro = HFEngine(model, tokenizer).generate(prompts, 1, max_new_tokens=12, temperature=0.0)
+    assert isinstance(ro, Rollout)
+    assert ro.completion_ids.shape == ref.shape == (3, 12)
+    assert torch.equal(ro.completion_ids, ref)
+    # the random tiny model never says <|im_end|> in 12 greedy tokens: every row is truncated and fully masked
+    assert ro.truncated.tolist() == [True, True, True]
+    assert ro.completion_mask.tolist() == [[1] * 12] * 3
+    assert ro.texts == tokenizer.batch_decode(ref, skip_special_tokens=True)
+    assert ro.prompt_ids == prompts
+    # unbatched greedy gives the same tokens as the left-padded batch
+    for i, p in enumerate(prompts):
+        alone = HFEngine(model, tokenizer).generate([p], 1, max_new_tokens=12, temperature=0.0)
+        assert torch.equal(alone.completion_ids[0], ro.completion_ids[i])
+
+
+def test_g_fold_grouping_and_chunking(model, tokenizer):
+    prompts = _prompt_ids(tokenizer)
+    single = HFEngine(model, tokenizer).generate(prompts, 1, max_new_tokens=6, temperature=0.0)
+    grouped = HFEngine(model, tokenizer, batch_prompts=2).generate(prompts, 3, max_new_tokens=6, temperature=0.0)
+    assert grouped.completion_ids.shape == (9, 6)
+    # rows 0-2 belong to prompt 0, 3-5 to prompt 1, 6-8 to prompt 2 (greedy: all G copies agree)
+    assert torch.equal(grouped.completion_ids, single.completion_ids.repeat_interleave(3, 0))
+    assert torch.allclose(grouped.logps, single.logps.repeat_interleave(3, 0), atol=1e-6)
+
+
+def test_recorded_logps_equal_teacher_forced_forward(model, tokenizer):
+    prompts = _prompt_ids(tokenizer)
+    T = 0.7
+    ro = HFEngine(model, tokenizer).generate(prompts, 2, max_new_tokens=8, temperature=T, seeds=[1, 2, 3])
+    for row in range(6):
+        n = int(ro.completion_mask[row].sum())
+        completion = ro.completion_ids[row, :n].tolist()
+        ref = _teacher_forced_logps(model, prompts[row // 2], completion, T)
+        assert torch.allclose(ro.logps[row, :n].double(), ref, atol=1e-5)
+        assert ro.logps[row, n:].abs().sum() == 0  # padding holds 0
+    assert (ro.logps[ro.completion_mask.bool()] < 0).all()
+    # top-k / top-p change what is sampled, not what is recorded: logps stay at the plain temperature
+    ro = HFEngine(model, tokenizer).generate(prompts[:1], 2, max_new_tokens=5, temperature=T, top_k=5, top_p=0.9,
+                                             seeds=[4])
+    for row in range(2):
+        ref = _teacher_forced_logps(model, prompts[0], ro.completion_ids[row].tolist(), T)
+        assert torch.allclose(ro.logps[row].double(), ref, atol=1e-5)
+
+
+def test_eos_stops_a_row_and_masks_the_rest(model, tokenizer):
+    prompts = _prompt_ids(tokenizer)
+    # G = 1 with one seed per prompt: every row has its own generator, so declaring a token an EOS changes
+    # nothing in a row before that token is drawn, and the expected stops can be read off a first run.
+    kw = {"max_new_tokens": 10, "temperature": 1.0, "seeds": [1, 2, 3]}
+    first = HFEngine(model, tokenizer).generate(prompts, 1, **kw).completion_ids
+    assert first.shape == (3, 10)
+    # a token row 0 draws at step t >= 2 for the first time becomes an extra EOS id (through the model's
+    # generation_config, as for models with several EOS ids)
+    t0 = next(t for t in range(2, 10) if int(first[0, t]) not in first[0, :t].tolist())
+    stop = int(first[0, t0])
+    stops = [next((t for t in range(10) if first[r, t] == stop), None) for r in range(3)]
+    assert stops[0] == t0
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    engine = HFEngine(model, tokenizer)
+    assert engine.eos_ids == sorted([tokenizer.eos_token_id, stop])
+    ro = engine.generate(prompts, 1, **kw)
+    for r in range(3):
+        s = stops[r]
+        n = 10 if s is None else s + 1  # the EOS itself is part of the completion
+        assert ro.completion_mask[r].tolist() == [1] * n + [0] * (ro.completion_ids.size(1) - n)
+        assert ro.truncated[r].item() == (s is None)
+        assert (ro.completion_ids[r, n:] == tokenizer.pad_token_id).all()
+        assert (ro.logps[r, n:] == 0).all()
+        assert torch.equal(ro.completion_ids[r, :n], first[r, :n])
+    assert ro.texts[0] == tokenizer.decode(first[0, :t0 + 1], skip_special_tokens=True)
+    # when every row stops the loop ends early: the tensor is only as wide as the longest completion
+    alone = engine.generate(prompts[:1], 1, max_new_tokens=10, temperature=1.0, seeds=[1])
+    assert alone.completion_ids.shape == (1, t0 + 1) and not alone.truncated.any()
+    assert alone.completion_lengths.tolist() == [t0 + 1]
+
+
+def test_seeded_groups_do_not_depend_on_batch_mates(model, tokenizer):
+    a, b, c = _prompt_ids(tokenizer)
+    engine = HFEngine(model, tokenizer)
+    kw = {"max_new_tokens": 8, "temperature": 1.0}
+    together = engine.generate([a, b], 4, seeds=[11, 22], **kw)
+    alone = engine.generate([a], 4, seeds=[11], **kw)
+    assert torch.equal(together.completion_ids[:4], alone.completion_ids)
+    # b is still reproduced next to a different neighbour, and in a separate chunk
+    other = HFEngine(model, tokenizer, batch_prompts=1).generate([c, b], 4, seeds=[5, 22], **kw)
+    assert torch.equal(other.completion_ids[4:], together.completion_ids[4:])
+    # the G samples of a group differ from each other, and a different seed gives different samples
+    assert len({tuple(r) for r in alone.completion_ids.tolist()}) > 1
+    assert not torch.equal(engine.generate([a], 4, seeds=[12], **kw).completion_ids, alone.completion_ids)
+
+
+def test_restores_train_mode_and_top_k_1_is_greedy(model, tokenizer):
+    prompts = _prompt_ids(tokenizer)
+    model.train()
+    greedy = HFEngine(model, tokenizer).generate(prompts, 1, max_new_tokens=6, temperature=0.0)
+    assert model.training
+    model.eval()
+    top1 = HFEngine(model, tokenizer).generate(prompts, 2, max_new_tokens=6, temperature=1.0, top_k=1)
+    assert not model.training
+    assert torch.equal(top1.completion_ids, greedy.completion_ids.repeat_interleave(2, 0))
+
+
+def test_filter_logits_hand_numbers():
+    logits = torch.tensor([[math.log(0.5), math.log(0.2), math.log(0.3)]], dtype=torch.float64)
+    ninf = float("-inf")
+    # top-p 0.6: 0.5 alone does not cover 0.6, so 0.3 is also kept; 0.5 + 0.3 = 0.8 >= 0.6 drops 0.2
+    assert filter_logits(logits, top_p=0.6)[0, 1] == ninf and torch.isfinite(filter_logits(logits, top_p=0.6)[0, [0, 2]]).all()
+    # top-p 0.5: 0.5 already covers it, only the best token stays
+    assert torch.isinf(filter_logits(logits, top_p=0.5)[0, 1:]).all() and filter_logits(logits, top_p=0.5)[0, 0] == logits[0, 0]
+    # top-k 2 keeps 0.5 and 0.3
+    assert filter_logits(logits, top_k=2).tolist()[0] == [math.log(0.5), ninf, math.log(0.3)]
+    assert torch.equal(filter_logits(logits), logits)
+
+
+def test_rejects_bad_arguments(model, tokenizer):
+    engine = HFEngine(model, tokenizer)
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate(_prompt_ids(tokenizer), 2, max_new_tokens=4, seeds=[1])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]], 2, max_new_tokens=4)
+
+
+def test_works_with_a_peft_model(model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    prompts = _prompt_ids(tokenizer)
+    base = HFEngine(model, tokenizer).generate(prompts, 2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3])
+    # a fresh LoRA adapter starts with B = 0, so the wrapped model samples exactly what the base model samples
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    engine = HFEngine(peft_model, tokenizer)
+    assert engine._logits_to_keep
+    wrapped = engine.generate(prompts, 2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3])
+    assert torch.equal(wrapped.completion_ids, base.completion_ids)
+    assert torch.allclose(wrapped.logps, base.logps, atol=1e-6)
