@@ -352,8 +352,13 @@ class Engine:
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            if start == 0 and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
+            metrics_file = self.out / "metrics.jsonl"
+            if start == 0 and metrics_file.exists():
+                metrics_file.unlink()
+            elif metrics_file.exists():
+                # Resuming from an earlier checkpoint: rows logged after it belong to the abandoned run.
+                rows = [r for r in metrics_file.read_text().splitlines() if json.loads(r).get("step", 0) <= start]
+                metrics_file.write_text("".join(r + "\n" for r in rows))
         self.model.train()
         t0 = time.time()
         last: dict = {}
@@ -404,7 +409,8 @@ class Engine:
         if not is_main():
             return
         with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({k: (round(v, 8) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+            # 8 significant digits, not 8 decimals: learning rates like 2e-5 x a schedule factor keep precision.
+            f.write(json.dumps({k: (float(f"{v:.8g}") if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
 
     def _summary(self, steps: int, seconds: float, last: dict) -> None:
         keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "eval/accuracy") if k in last]
