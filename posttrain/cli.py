@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         result = module.run(cfg)
         return result if isinstance(result, int) else 0
     except UserError as e:
-        print(f"posttrain: error: {e}", file=sys.stderr)
+        # One line, always: messages quoting library errors can carry newlines.
+        print("posttrain: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
 
 

@@ -152,8 +152,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
 
 
-def _coerce(value: Any, tp, where: str):
-    """Check/convert one value to the field's type; YAML already parsed scalars."""
+def _coerce(value: Any, tp, where: str, name: str = "", lines: dict | None = None):
+    """Check/convert one value to the field's type; YAML already parsed scalars. `name` (dotted key) and
+    `lines` let a nested block report its own keys' lines."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -165,7 +166,7 @@ def _coerce(value: Any, tp, where: str):
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, name, lines)
             except UserError as e:
                 errors.append(str(e))
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -174,7 +175,7 @@ def _coerce(value: Any, tp, where: str):
             value = {}
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return build_dataclass(tp, value, prefix=where + ".")
+        return build_dataclass(tp, value, prefix=(name or where) + ".", lines=lines)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -225,12 +226,13 @@ def build_dataclass(cls, values: dict, prefix: str = "", lines: dict | None = No
     names = {f.name: f for f in config_fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        where = (lines or {}).get(prefix + key, "") + prefix + key
+        name = prefix + key
+        where = (lines or {}).get(name, "") + name
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"{where}: unknown key for '{getattr(cls, 'command', cls.__name__)}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], where)
+        kwargs[key] = _coerce(value, hints[key], where, name, lines)
         choices = names[key].metadata.get("choices")
         if choices and kwargs[key] not in choices and kwargs[key] is not None:
             raise UserError(f"{where}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}")
@@ -317,5 +319,6 @@ def describe(cls) -> str:
             if dataclasses.is_dataclass(a):
                 for g in config_fields(a):
                     gd = g.default if g.default is not dataclasses.MISSING else g.default_factory()
-                    rows.append(f"    {f.name}.{g.name} (default {gd!r})\n        {g.metadata.get('help', '')}")
+                    gt = _type_name(typing.get_type_hints(a)[g.name])
+                    rows.append(f"    {f.name}.{g.name} ({gt}, default {gd!r})\n        {g.metadata.get('help', '')}")
     return "\n".join(rows)
