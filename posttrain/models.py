@@ -8,6 +8,7 @@ loads read that in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -70,6 +71,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def gguf_cache_name(path: Path) -> str:
+    """Cache folder name of a converted GGUF file: stem + a digest of its absolute path and size. A digest,
+    not hash(): Python salts str hashes per process, which would re-convert on every run."""
+    key = f"{path.resolve()}:{path.stat().st_size}".encode()
+    return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
+
+
 def resolve_model_path(name: str) -> str:
     """Turn the `model` key into something `from_pretrained` accepts (a folder or a hub id)."""
     if name.lower() in (EMBEDDED_MODEL, "default"):
@@ -81,7 +89,7 @@ def resolve_model_path(name: str) -> str:
     if path.suffix == ".gguf":
         if not path.exists():
             raise UserError(f"{name}: GGUF file not found")
-        target = cache_dir() / "models" / f"{path.stem}-{abs(hash((str(path.resolve()), path.stat().st_size)))}"
+        target = cache_dir() / "models" / gguf_cache_name(path)
         if not (target / "config.json").exists():
             convert_gguf(path.resolve(), target)
         return str(target)
@@ -100,7 +108,7 @@ def load_tokenizer(name: str, tokenizer: str | None = None, trust_remote_code: b
     path = resolve_model_path(tokenizer or name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: e.g. a folder without any tokenizer files
         raise UserError(f"{tokenizer or name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
     if chat_template:
         tok.chat_template = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
@@ -123,7 +131,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: e.g. an unknown or malformed config.json
         raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
     return model
 
