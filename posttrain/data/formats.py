@@ -157,7 +157,8 @@ def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
     from posttrain.data.tasks import builtin_task
 
     try:
-        rows = builtin_task(spec, "preference" if kind == "unpaired" else kind)
+        # The config's split is the default; a split written in the task name wins.
+        rows = builtin_task(spec, "preference" if kind == "unpaired" else kind, split=split if split in ("train", "test") else "train")
     except ValueError as e:  # a bad option in a built-in task name is the user's input problem
         raise UserError(f"{spec}: {e}") from None
     if rows is not None:
