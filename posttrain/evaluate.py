@@ -40,6 +40,8 @@ class Config:
     reward_model: str | None = opt(None, "Path of a reward model for the reward_model function.")
     max_completion_length: int = opt(64, "Maximum new tokens per completion.")
     max_prompt_length: int | None = opt(512, "Maximum prompt tokens; longer prompts keep their end.")
+    prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
+    chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
     num_samples: int = opt(1, "Completions per prompt: 1 = greedy; k > 1 samples at `temperature` and reports pass@k.")
     temperature: float = opt(1.0, "Sampling temperature when num_samples > 1.")
     batch_size: int = opt(16, "Prompts generated together.")
@@ -114,7 +116,7 @@ def run(cfg: Config) -> int:
     tok = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, cfg.chat_template)
     model = load_model(cfg.model, cfg.trust_remote_code)
     model.eval()
-    examples = prompt_examples(ds, tok, cfg.max_prompt_length)
+    examples = prompt_examples(ds, tok, cfg)
     t0 = time.time()
     with torch.no_grad():
         report = evaluate_prompts(model, tok, examples, funcs, max_new_tokens=cfg.max_completion_length,

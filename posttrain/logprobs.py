@@ -179,3 +179,73 @@ def naive_token_logps(model, input_ids, attention_mask, loss_mask, temperature: 
     mask = loss_mask.clone().float()
     mask[:, 0] = 0
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1) * mask
+
+
+def shared_prefix_token_logps(
+    model,
+    prompts: list[list[int]],
+    row_prompt: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    pad_id: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    with_stats: bool = False,
+) -> TokenLogps:
+    """Completion log-probs when many rows share a prompt (a GRPO group, a DPO pair): the prompt runs through
+    the decoder ONCE, its key/value cache is indexed out to the rows (a differentiable gather, so gradients
+    still reach every prompt activation), and only the completions run per row.
+
+    prompts          unique prompts (token ids, unpadded)
+    row_prompt       [N] long: which prompt each row continues
+    completion_ids   [N, Tc] right-padded; completion_mask [N, Tc] marks the scored tokens
+    Returns TokenLogps aligned with `completion_ids` (entry [i, j] is about completion token j). Equal to
+    `token_logps` on the concatenated sequences (tested), at a fraction of the prompt cost.
+    """
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    device = completion_ids.device
+    P, width = len(prompts), max(len(p) for p in prompts)
+    # Left-pad the prompts so every prompt ends at the same column and completions continue from there.
+    p_ids = torch.full((P, width), pad_id, dtype=torch.long, device=device)
+    p_attn = torch.zeros((P, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        p_ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        p_attn[i, width - len(p) :] = 1
+    p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    p_out = decoder(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, past_key_values=cache, use_cache=True)
+    cache = p_out.past_key_values
+    cache.batch_select_indices(row_prompt)
+    attn = torch.cat([p_attn[row_prompt], (completion_mask > 0).long() | _prefix_ones(completion_mask)], dim=1)
+    c_pos = p_attn.sum(-1)[row_prompt, None] + torch.arange(completion_ids.shape[1], device=device)[None]
+    c_out = decoder(input_ids=completion_ids, attention_mask=attn, position_ids=c_pos, past_key_values=cache, use_cache=True)
+    # Completion token j is predicted by the hidden state before it: the prompt's last one for j = 0.
+    hidden = torch.cat([p_out.last_hidden_state[row_prompt, -1:], c_out.last_hidden_state[:, :-1]], dim=1)
+    mask = completion_mask.float()
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    head = base.get_output_embeddings()
+    h, targets = hidden[b_idx, t_idx], completion_ids[b_idx, t_idx]
+    if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+        flat, stats = _HeadLogProb.apply(h, head.weight, getattr(head, "bias", None), targets, temperature, chunk_size, with_stats)
+    else:
+        with torch.no_grad():
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, head.weight, getattr(head, "bias", None), targets, temperature, chunk_size, with_stats)
+    N, T = completion_ids.shape
+
+    def scatter(values):
+        return torch.zeros((N, T), dtype=torch.float32, device=device).index_put((b_idx, t_idx), values)
+
+    out = TokenLogps(scatter(flat), mask)
+    if with_stats:
+        out.entropy, out.logits_mean, out.log_p2 = scatter(stats[0]), scatter(stats[1]), scatter(stats[2])
+    return out
+
+
+def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:
+    """1 on every position up to a row's last scored token (unscored tokens inside a completion still attend)."""
+    last = torch.where(mask.any(-1), mask.shape[1] - 1 - mask.flip(-1).float().argmax(-1), torch.zeros_like(mask[:, 0]))
+    return (torch.arange(mask.shape[1], device=mask.device)[None] <= last[:, None]).long()

@@ -30,7 +30,7 @@ from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import load_train_eval
 from posttrain.data.tokenize import encode_prompt
 from posttrain.engine import Algorithm, Engine, is_main
-from posttrain.logprobs import token_logps
+from posttrain.logprobs import shared_prefix_token_logps
 from posttrain.losses.policy import AGGREGATIONS, group_advantages, group_stats, loss_denominator, policy_loss
 from posttrain.models import frozen_copy, is_peft, prepare_model
 from posttrain.rollout.generate import HFEngine
@@ -77,6 +77,8 @@ class Config(TrainConfig):
     batch_size: int = opt(8, "GLOBAL prompts per optimizer step (x num_generations completions).")
     micro_batch_size: int = opt(8, "Completions per forward/backward on one device.")
     max_prompt_length: int | None = opt(512, "Maximum prompt tokens; longer prompts keep their end.")
+    prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
+    chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
     command = "grpo"
 
     def validate(self) -> None:
@@ -109,55 +111,52 @@ class PromptExample:
 
 @dataclass
 class RolloutBatch:
-    """A micro-batch of scored completions, prompt + completion per row, right-padded.
+    """A micro-batch of scored completions. Prompts are kept once (rows point at them) so the training
+    forward runs each prompt once per micro-batch (`shared_prefix_token_logps`).
 
-    input_ids, attention_mask, loss_mask  [N, T]   loss_mask marks completion tokens (EOS included)
-    advantages                            [N]
-    old_logps, ref_logps                  [N, T] or None, aligned with input positions
+    prompts            unique prompts of this micro-batch (token ids)
+    row_prompt         [N] long, the prompt each row continues
+    completion_ids     [N, T] right-padded;  completion_mask [N, T] 1 on scored tokens (EOS included)
+    advantages         [N]
+    old_logps, ref_logps  [N, T] or None, aligned with completion_ids
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
+    prompts: list
+    row_prompt: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
     advantages: torch.Tensor
     old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.completion_ids.shape[0]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return sum(len(p) for p in self.prompts) + int(self.completion_mask.sum())
 
 
-def _sequences(prompts: list[list[int]], rollout, G: int, pad_id: int):
-    """prompt + completion rows; the completion's values (e.g. log-probs) re-aligned by `place`."""
-    comp_len = rollout.completion_mask.sum(-1).tolist()
-    rows = []
-    for i, c_len in enumerate(comp_len):
-        p = prompts[i // G]
-        rows.append((p, rollout.completion_ids[i, : int(c_len)].tolist()))
-    width = max(len(p) + max(len(c), 1) for p, c in rows)
-    N = len(rows)
-    ids = torch.full((N, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((N, width), dtype=torch.long)
-    mask = torch.zeros((N, width), dtype=torch.long)
-    starts = []
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        mask[i, len(p) : len(seq)] = 1
-        starts.append(len(p))
-
-    def place(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((N, width), dtype=values.dtype)
-        for i, (s, (_, c)) in enumerate(zip(starts, rows)):
-            out[i, s : s + len(c)] = values[i, : len(c)]
-        return out
-
-    return ids, attn, mask, place
+def split_micro_batches(prompt_ids: list[list[int]], G: int, completion_ids, completion_mask, advantages, old_logps,
+                        size: int) -> list[RolloutBatch]:
+    """Cut N = len(prompt_ids) * G rows into micro-batches of `size` rows, trimming padding columns."""
+    out = []
+    N = completion_ids.shape[0]
+    for s in range(0, N, size):
+        rows = torch.arange(s, min(s + size, N))
+        groups = sorted({int(r) // G for r in rows})
+        local = {g: j for j, g in enumerate(groups)}
+        width = max(int(completion_mask[rows].sum(-1).max()), 1)
+        out.append(RolloutBatch(
+            [prompt_ids[g] for g in groups],
+            torch.tensor([local[int(r) // G] for r in rows]),
+            completion_ids[rows, :width],
+            completion_mask[rows, :width],
+            advantages[rows],
+            None if old_logps is None else old_logps[rows, :width],
+            None,
+        ))
+    return out
 
 
 class GRPO(Algorithm):
@@ -238,10 +237,10 @@ class GRPO(Algorithm):
         )
         stats = group_stats(rewards, G, scale=cfg.scale_rewards, std=cfg.std,
                             aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights)
-        ids, attn, mask, place = _sequences([e.prompt_ids for e in kept], rollout, G, self.tok.pad_token_id)
+        mask = rollout.completion_mask
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).long()[:, None]
-        old = place(rollout.logps) if cfg.num_iterations > 1 else None
+        old = rollout.logps if cfg.num_iterations > 1 else None
         lengths = rollout.completion_mask.sum(-1).float()
         m = {
             "reward": float(stats["reward"]),
@@ -263,12 +262,8 @@ class GRPO(Algorithm):
         if cfg.log_completions and is_main():
             self._log_completions(kept, rollout.texts, rewards, advantages)
 
-        micro = []
-        size = cfg.micro_batch_size
-        for s in range(0, ids.shape[0], size):
-            sl = slice(s, s + size)
-            mb = RolloutBatch(ids[sl], attn[sl], mask[sl], advantages[sl], None if old is None else old[sl], None)
-            micro.append(_trim(mb))
+        micro = split_micro_batches([e.prompt_ids for e in kept], G, rollout.completion_ids, mask, advantages, old,
+                                    cfg.micro_batch_size)
         if cfg.beta > 0:
             with torch.no_grad():
                 for mb in micro:
@@ -276,11 +271,15 @@ class GRPO(Algorithm):
         self._step_metrics["prepare_seconds"] = time.time() - t0
         return micro
 
+    def _logps(self, model, mb: RolloutBatch, with_stats: bool = False):
+        return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
+                                         self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats)
+
     def _reference_logps(self, model, mb: RolloutBatch) -> torch.Tensor:
         if self.ref_model is None:  # LoRA: the base model is the reference
             with model.disable_adapter():
-                return token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=self._temp()).logps
-        return token_logps(self.ref_model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=self._temp()).logps
+                return self._logps(model, mb).logps
+        return self._logps(self.ref_model, mb).logps
 
     def _temp(self) -> float:
         return self.cfg.temperature if self.cfg.temperature > 0 else 1.0
@@ -297,14 +296,14 @@ class GRPO(Algorithm):
 
     # --- loss --------------------------------------------------------------------------------------------
     def num_items(self, mb: RolloutBatch) -> float:
-        d = loss_denominator(self.cfg.loss_type, mb.loss_mask, self.cfg.max_completion_length)
+        d = loss_denominator(self.cfg.loss_type, mb.completion_mask, self.cfg.max_completion_length)
         return 1.0 if d is None else float(d)  # bnpo: a per-micro-batch mean, averaged over micro-batches
 
     def loss(self, model, mb: RolloutBatch, total_items: float):
         cfg = self.cfg
-        out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature=self._temp(), with_stats=True)
+        out = self._logps(model, mb, with_stats=True)
         mask = out.mask
-        bnpo = loss_denominator(cfg.loss_type, mb.loss_mask, cfg.max_completion_length) is None
+        bnpo = cfg.loss_type == "bnpo"
         loss, metrics = policy_loss(
             out.logps, mb.old_logps, mb.advantages, mask, ref_logps=mb.ref_logps, beta=cfg.beta,
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
@@ -341,14 +340,6 @@ def _has_signal(group_rewards: torch.Tensor) -> bool:
     return t.numel() >= 2 and bool((t != t[0]).any())
 
 
-def _trim(mb: RolloutBatch) -> RolloutBatch:
-    """Drop padding columns this micro-batch does not need."""
-    width = int(mb.attention_mask.sum(-1).max())
-    cut = slice(0, width)
-    return RolloutBatch(mb.input_ids[:, cut], mb.attention_mask[:, cut], mb.loss_mask[:, cut], mb.advantages,
-                        None if mb.old_logps is None else mb.old_logps[:, cut], None)
-
-
 def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[str]:
     if cfg.reward_funcs:
         return list(cfg.reward_funcs)
@@ -359,15 +350,26 @@ def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[s
     return ["accuracy", "format"] if builtin else ["accuracy"]
 
 
-def prompt_examples(ds, tok, max_prompt_length: int | None) -> list[PromptExample]:
+def prompt_examples(ds, tok, cfg) -> list[PromptExample]:
+    """Tokenized prompts (+ their other columns). Plain-text prompts become a user turn when `chat_prompts`
+    is on and the tokenizer has a chat template: instruction-tuned models answer far better that way."""
     out = []
+    max_prompt_length = cfg.max_prompt_length
     for i, row in enumerate(ds.rows):
         data = row.data
-        ids = encode_prompt(tok, data["prompt"])
+        prompt = data["prompt"]
+        if cfg.prompt_suffix:
+            if isinstance(prompt, str):
+                prompt = prompt + cfg.prompt_suffix
+            else:
+                prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + cfg.prompt_suffix}]
+        if isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        ids = encode_prompt(tok, prompt)
         if max_prompt_length and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
         cols = {k: v for k, v in data.items() if k not in ("prompt", "completion", "chosen", "rejected")}
-        out.append(PromptExample(i, data["prompt"], ids, cols))
+        out.append(PromptExample(i, prompt, ids, cols))
     return out
 
 
@@ -386,8 +388,8 @@ def run(cfg: Config):
     except ValueError as e:
         raise UserError(f"reward_funcs: {e}") from None
     tok, model = prepare_model(cfg)
-    prompts = prompt_examples(train, tok, cfg.max_prompt_length)
-    eval_prompts = prompt_examples(evald, tok, cfg.max_prompt_length) if evald else None
+    prompts = prompt_examples(train, tok, cfg)
+    eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
     ref_model = None
     if cfg.beta > 0 and not is_peft(model):
         ref_model = frozen_copy(model)
