@@ -52,6 +52,13 @@ class Dataset:
 
 
 def _read_file(path: Path) -> list[Row]:
+    try:
+        return _read_file_unchecked(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_file_unchecked(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -87,7 +94,10 @@ def _read_file(path: Path) -> list[Row]:
     if suffix == ".parquet":
         import pandas as pd
 
-        records = pd.read_parquet(path).to_dict(orient="records")
+        try:
+            records = pd.read_parquet(path).to_dict(orient="records")
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+            raise UserError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
         return [Row(_plain(r), f"{path}:row {i}") for i, r in enumerate(records, 1)]
     raise UserError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
 
@@ -111,8 +121,8 @@ def _read_csv(path: Path) -> list[Row]:
     """CSV rows with the physical line each starts on (quoted cells may span lines).
 
     CSV cells are strings, so two conventions make every format expressible: a cell holding a JSON list
-    or object (e.g. a conversation, `[{"role": "user", ...}]`) is decoded, and a `label` column of
-    true/false (any case) becomes a boolean.
+    of objects or a JSON object (e.g. a conversation, `[{"role": "user", ...}]`) is decoded, and a `label`
+    column of true/false (any case) becomes a boolean.
     """
     import csv
 
@@ -133,9 +143,13 @@ def _csv_cell(key: str, value: str | None):
     text = value.strip()
     if text[:1] in ("[", "{"):
         try:
-            return json.loads(text)
+            obj = json.loads(text)
         except json.JSONDecodeError:
             return value
+        # Only message lists / objects: a text cell such as "[1, 2]" stays text.
+        if isinstance(obj, dict) or (isinstance(obj, list) and obj and all(isinstance(m, dict) for m in obj)):
+            return obj
+        return value
     if key == "label" and text.lower() in ("true", "false"):
         return text.lower() == "true"
     return value

@@ -200,11 +200,26 @@ def test_csv_label_parsing(tmp_path):
     assert str(e.value) == f"{tmp_path}/u.csv:4: field 'label': expected true or false, got 'maybe'"
 
 
+def test_csv_text_that_looks_like_json_stays_text(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('text\n"[1, 2] is a list"\n"[1, 2]"\n[not json\n')
+    assert [r.data["text"] for r in load_dataset(str(path), "sft").rows] == ["[1, 2] is a list", "[1, 2]", "[not json"]
+
+
 def test_parquet_errors_name_the_row(tmp_path):
     path = tmp_path / "bad.parquet"
     pd.DataFrame([{"text": "a"}, {"text": ""}]).to_parquet(path)
     with pytest.raises(UserError, match=rf"^{tmp_path}/bad.parquet:row 2: field 'text': empty text$"):
         load_dataset(str(path), "sft")
+
+
+def test_unreadable_files(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{tmp_path}/latin1.jsonl: not UTF-8 text \(byte 13\)$"):
+        load_dataset(str(tmp_path / "latin1.jsonl"), "sft")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=rf"^{tmp_path}/broken.parquet: cannot read parquet \("):
+        load_dataset(str(tmp_path / "broken.parquet"), "sft")
 
 
 def test_missing_file_and_bad_builtin_task(tmp_path):
