@@ -201,3 +201,17 @@ def test_pack_and_collate_packed():
     assert torch.equal(batch.attention_mask[0, 0], expected0)
     assert torch.equal(batch.attention_mask[1, 0], expected1)
     assert batch.num_tokens == 9  # real tokens, not T*T mask entries
+
+
+def test_encode_dataset_reports_skipped_and_dropped(tokenizer, caplog):
+    from posttrain.data import encode_dataset
+    from posttrain.data.formats import Dataset, Row
+
+    rows = [Row({"prompt": "2 + 2 =", "completion": " 4"}, "d.jsonl:1"),
+            Row({"prompt": "What is 12 + 7? The answer is", "completion": " 19"}, "d.jsonl:2")]
+    ds = Dataset(rows, "d.jsonl", "prompt_completion", Counter({"field 'text': empty text": 3}))
+    with caplog.at_level("WARNING", logger="posttrain"):
+        out = encode_dataset(ds, lambda d: sft(tokenizer, d, max_length=7))
+    assert len(out) == 1
+    assert caplog.messages == ["d.jsonl: skipped 3 row(s): field 'text': empty text",
+                               "d.jsonl: dropped 1 row(s): prompt fills max_length, no completion token left"]
