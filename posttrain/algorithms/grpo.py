@@ -39,7 +39,11 @@ from posttrain.rollout.rewards import compute_rewards, load_reward_funcs
 log = logging.getLogger("posttrain")
 
 DEFAULT_DATASET = "arithmetic"
-BUILTIN_FORMAT_PATTERN = r"^\s*-?[\d,]+\s*$"  # the built-in task asks for only the final number
+# The built-in task asks for only the final number. Partial credit for a short one-line reply that ends in a
+# number ("47 + 38 = 85" counts): the small model almost never replies with a bare number at first, so a
+# bare-number pattern gives no signal, and a heavy format reward is learned instead of the arithmetic.
+BUILTIN_FORMAT_PATTERN = r"^[^\n]{0,40}?-?\d+\.?\s*$"
+BUILTIN_REWARD_WEIGHTS = [1.0, 0.2]  # accuracy, format
 
 
 @dataclass
@@ -380,6 +384,8 @@ def run(cfg: Config):
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
         raise UserError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(names)} reward functions")
     pattern = cfg.format_pattern or (BUILTIN_FORMAT_PATTERN if builtin else None)
+    if cfg.reward_weights is None and cfg.reward_funcs is None and builtin:
+        cfg.reward_weights = list(BUILTIN_REWARD_WEIGHTS)
     try:
         funcs = load_reward_funcs(
             names, format_pattern=pattern, overlong_buffer=cfg.overlong_buffer,
