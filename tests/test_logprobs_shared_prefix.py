@@ -1,0 +1,128 @@
+"""`shared_prefix_token_logps` (each prompt through the decoder once, its KV cache gathered to the rows) against
+`token_logps` and the naive full log-softmax on the plain concatenated prompt + completion sequences."""
+
+import pytest
+import torch
+
+from posttrain.config import LoraConfig
+from posttrain.logprobs import naive_token_logps, shared_prefix_token_logps, token_logps
+from posttrain.models import apply_lora
+from posttrain.testing import tiny_model
+
+PROMPTS = ["What is 12 + 7?", "2 + 2 =", "Human: How do I bake bread? Assistant:"]
+COMPLETIONS = [" The answer is 19.", " 4 and 5", " Mix flour, water", " 19", " bake it then"]
+ROW_PROMPT = [2, 0, 1, 0, 2]  # rows out of prompt order, prompt 0 and 2 shared by two rows each
+
+
+def case(tok):
+    """Prompts of different lengths, right-padded completions, and a completion mask with trailing zeros
+    (row 1 scores only 2 of its tokens, row 4 none at all: a masked-out truncated completion)."""
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    comps = [tok(c)["input_ids"] for c in COMPLETIONS]
+    assert len({len(p) for p in prompts}) == 3
+    T = max(len(c) for c in comps)
+    ids = torch.full((len(comps), T), tok.pad_token_id)
+    mask = torch.zeros(len(comps), T, dtype=torch.long)
+    for i, c in enumerate(comps):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    mask[1, 2:] = 0
+    mask[4] = 0
+    assert mask.sum(-1).tolist()[1] == 2 and int(mask.sum()) > 8
+    return prompts, torch.tensor(ROW_PROMPT), ids, mask
+
+
+def concatenated(prompts, row_prompt, ids, mask, pad_id):
+    """The same rows as plain right-padded prompt + completion sequences, and where completion j of row i sits."""
+    seqs = [prompts[int(p)] + ids[i].tolist() for i, p in enumerate(row_prompt)]
+    L = max(len(s) for s in seqs)
+    full = torch.full((len(seqs), L), pad_id)
+    attn = torch.zeros(len(seqs), L, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        start = len(prompts[int(row_prompt[i])])
+        full[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        loss_mask[i, start : start + ids.shape[1]] = mask[i]
+    offsets = [len(prompts[int(p)]) for p in row_prompt]
+    return full, attn, loss_mask, offsets
+
+
+def realign(values, offsets, T):
+    """[N, L] values aligned with the concatenated sequence -> [N, T] aligned with the completion."""
+    return torch.stack([values[i, o : o + T] for i, o in enumerate(offsets)])
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check(model, tok, temperature):
+    prompts, row_prompt, ids, mask = case(tok)
+    N, T = ids.shape
+    # An arbitrary upstream gradient, different for every token, so a misplaced value changes the gradient.
+    weights = torch.linspace(0.5, 2.0, N * T).view(N, T)
+
+    shared = shared_prefix_token_logps(model, prompts, row_prompt, ids, mask, tok.pad_token_id,
+                                       temperature=temperature, chunk_size=3, with_stats=True)
+    (shared.logps * weights).sum().backward()
+    g_shared = grads(model)
+    model.zero_grad()
+
+    full, attn, loss_mask, offsets = concatenated(prompts, row_prompt, ids, mask, tok.pad_token_id)
+    plain = token_logps(model, full, attn, loss_mask, temperature=temperature, with_stats=True)
+    plain_logps = realign(plain.logps, offsets, T)
+    (plain_logps * weights).sum().backward()
+    g_plain = grads(model)
+    model.zero_grad()
+    with torch.no_grad():
+        naive = realign(naive_token_logps(model, full, attn, loss_mask, temperature=temperature), offsets, T)
+
+    assert torch.equal(shared.mask, mask.float())
+    assert (shared.logps[mask == 0] == 0).all() and (shared.logps[mask == 1] < 0).all()
+    torch.testing.assert_close(shared.logps, plain_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.logps, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy, realign(plain.entropy, offsets, T), atol=1e-5, rtol=1e-5)
+    assert set(g_shared) == set(g_plain) and len(g_plain) >= 4
+    for name in g_plain:
+        assert g_plain[name].abs().max() > 0, name
+        torch.testing.assert_close(g_shared[name], g_plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    return shared
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prefix_equals_concatenated_sequences(tokenizer, temperature):
+    model = tiny_model(tokenizer, seed=3)
+    out = check(model, tokenizer, temperature)
+    # Rows 1 and 3 continue prompt 0 with completions that start with the same token (" "): the one
+    # gathered prompt state predicts both, so the two first log-probs are the same number.
+    comps = [tokenizer(c)["input_ids"] for c in COMPLETIONS]
+    assert comps[1][0] == comps[3][0] and comps[1][1] != comps[3][1]
+    assert out.logps[1, 0] == out.logps[3, 0] and out.logps[1, 1] != out.logps[3, 1]
+
+
+def test_shared_prefix_with_lora(tokenizer):
+    model = apply_lora(tiny_model(tokenizer, seed=4), LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # lora_B starts at zero (no gradient reaches lora_A then): give it a value
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    check(model, tokenizer, 0.7)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_no_grad_path_and_single_prompt(tokenizer, model):
+    """All rows of one prompt (one GRPO group) and the no-grad path used for reference log-probs."""
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    comps = [tokenizer(c)["input_ids"][:3] for c in COMPLETIONS[:3]]
+    ids = torch.tensor(comps)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        shared = shared_prefix_token_logps(model, [prompt], torch.zeros(3, dtype=torch.long), ids, mask,
+                                           tokenizer.pad_token_id)
+        full = torch.tensor([prompt + c for c in comps])
+        lm = torch.cat([torch.zeros(3, len(prompt), dtype=torch.long), mask], 1)
+        naive = naive_token_logps(model, full, torch.ones_like(full), lm)[:, len(prompt):]
+    assert not shared.logps.requires_grad
+    torch.testing.assert_close(shared.logps, naive, atol=1e-5, rtol=1e-5)
