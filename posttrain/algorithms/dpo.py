@@ -89,6 +89,11 @@ class Config(TrainConfig):
             raise UserError(f"loss_type: unknown {unknown[0]!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise UserError(f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
+        if self.loss_weights is not None:  # `loss_weights=0.8,0.2` on the command line arrives as strings
+            try:
+                self.loss_weights = [float(w) for w in self.loss_weights]
+            except (TypeError, ValueError):
+                raise UserError(f"loss_weights: expected numbers, got {self.loss_weights}") from None
         if self.beta is None:
             self.beta = 2.5 if self.loss_type == ["simpo"] else 0.1
         if self.beta <= 0:
@@ -99,10 +104,16 @@ class Config(TrainConfig):
             log.warning(f"beta={self.beta} is outside the usual range [0.01, 1]")
         if self.sync_ref_model and (self.precompute_ref_log_probs or self.lora is not None):
             raise UserError("sync_ref_model needs a reference copy: not with precompute_ref_log_probs or lora")
+        if self.sync_ref_model and self.reference_free():
+            raise UserError(f"sync_ref_model: loss_type {self.loss_type} is reference-free; there is no reference to sync")
         if not 0 < self.ref_model_mixup_alpha <= 1:
             raise UserError("ref_model_mixup_alpha must be in (0, 1]")
         if self.ref_model_sync_steps < 1:
             raise UserError("ref_model_sync_steps must be >= 1")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise UserError("ld_alpha must be in [0, 1] (1 = plain sums)")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise UserError("rpo_alpha must be >= 0")
         try:  # option/loss compatibility, checked on dummy tensors before any model is loaded
             z = torch.zeros(1)
             preference_loss(self.loss_type, z, z, z, z, chosen_lengths=z + 1, rejected_lengths=z + 1, **self.loss_kwargs())
@@ -239,7 +250,10 @@ class DPO(Algorithm):
             weights=weights,
             **self.kwargs,
         )
-        logit_mean = (out.logits_mean * out.mask).sum(-1) / lengths.clamp(min=1)
+        # TRL's logits/*: the mean logit over every scored token of the side (token-weighted, not per pair).
+        logit_sums = (out.logits_mean * out.mask).sum(-1)
+        chosen_logits = logit_sums[:B].sum() / lengths[:B].sum().clamp(min=1)
+        rejected_logits = logit_sums[B:].sum() / lengths[B:].sum().clamp(min=1)
         metrics = {
             "rewards/chosen": res.chosen_rewards.mean(),
             "rewards/rejected": res.rejected_rewards.mean(),
@@ -247,8 +261,8 @@ class DPO(Algorithm):
             "rewards/accuracies": (res.chosen_rewards > res.rejected_rewards).float().mean(),
             "logps/chosen": logps[:B].detach().mean(),
             "logps/rejected": logps[B:].detach().mean(),
-            "logits/chosen": logit_mean[:B].mean(),
-            "logits/rejected": logit_mean[B:].mean(),
+            "logits/chosen": chosen_logits,
+            "logits/rejected": rejected_logits,
         }
         for k, v in res.metrics.items():
             metrics[k] = v.detach().float().mean()
@@ -261,7 +275,9 @@ class DPO(Algorithm):
     def evaluate(self, model, examples: list) -> dict:
         sums: dict[str, float] = {}
         n = 0
-        for mb in self.prepare(model, examples):
+        size = self.cfg.eval_batch_size  # eval holds no activations for backward: bigger batches than training
+        for i in range(0, len(examples), size):
+            mb = collate_pairs(examples[i : i + size], self.pad_id)
             losses, metrics = self._compute(model, mb)
             b = len(mb)
             n += b
