@@ -205,7 +205,8 @@ def _coerce(value: Any, tp, where: str, name: str = "", lines: dict | None = Non
         return value
     if tp is list or origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # "0.8,0.2" on the command line: each item parsed like a YAML scalar (numbers stay numbers).
+            value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
         return value
