@@ -208,7 +208,8 @@ class GRPO(Algorithm):
                 groups.append((e, rollout, sl, scored))
             if not cfg.dynamic_sampling:
                 break
-            groups = [g for g in groups if _has_signal(g[3].rewards[g[2]])]
+            per_reward = cfg.multi_objective_aggregation == "normalize_then_sum"
+            groups = [g for g in groups if _has_signal(g[3].rewards[g[2]], self.weights, per_reward)]
             if len(groups) >= len(examples) or rounds >= cfg.max_sampling_rounds:
                 if len(groups) < len(examples) and is_main():
                     log.warning(f"dynamic sampling: {len(groups)}/{len(examples)} groups with reward variance after {rounds} rounds")
@@ -217,7 +218,8 @@ class GRPO(Algorithm):
                 groups = groups[: len(examples)]
                 break
             g = torch.Generator().manual_seed(self._seed(pool[0]))
-            pool = [self.prompts[i] for i in torch.randint(len(self.prompts), (len(examples),), generator=g).tolist()]
+            # Without replacement: a prompt drawn twice would get the same seed and so the same completions.
+            pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
         gen_seconds = time.time() - t0
 
         rewards = torch.cat([s.rewards[sl] for _, _, sl, s in groups])  # [N, R]
@@ -312,7 +314,9 @@ class GRPO(Algorithm):
             out.logps, mb.old_logps, mb.advantages, mask, ref_logps=mb.ref_logps, beta=cfg.beta,
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
             importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
-            max_completion_length=cfg.max_completion_length, num_items=None if bnpo else total_items,
+            # max(., 1): a step whose every token is masked (all completions truncated, with
+            # mask_truncated_completions) has a dapo count of 0; its loss is 0, not 0/0.
+            max_completion_length=cfg.max_completion_length, num_items=None if bnpo else max(total_items, 1.0),
         )
         if bnpo:
             loss = loss / total_items
@@ -322,6 +326,13 @@ class GRPO(Algorithm):
 
     def step_metrics(self) -> dict:
         return self._step_metrics
+
+    # The sampling seeds count generation rounds: a resumed run must go on from the same round.
+    def state_dict(self) -> dict:
+        return {"round": self._round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._round = int(state.get("round", 0))
 
     def evaluate(self, model, examples: list) -> dict:
         from posttrain.evaluate import evaluate_prompts
@@ -336,12 +347,19 @@ class _Merged:
         self.__dict__.update(kw)
 
 
-def _has_signal(group_rewards: torch.Tensor) -> bool:
-    """A group teaches something when its total rewards are not all equal (NaN rows ignored)."""
-    total = group_rewards.nansum(-1)
-    valid = ~group_rewards.isnan().all(-1)
-    t = total[valid]
-    return t.numel() >= 2 and bool((t != t[0]).any())
+def _has_signal(group_rewards: torch.Tensor, weights=None, per_reward: bool = False) -> bool:
+    """A group teaches something when the quantity its advantages normalise varies (unscorable rows ignored):
+    the WEIGHTED total of the rewards (GRPO; unweighted, (1, 0) and (0, 1) would look equal under weights
+    (1, 0.2)), or any single reward (GDPO normalises each reward within the group)."""
+    r = group_rewards[~group_rewards.isnan().all(-1)]
+    if r.shape[0] < 2:
+        return False
+    if per_reward:
+        columns = [c[~c.isnan()] for c in r.T]
+        return any(c.numel() >= 2 and bool((c != c[0]).any()) for c in columns)
+    w = torch.ones(r.shape[1]) if weights is None else torch.as_tensor(weights, dtype=r.dtype)
+    total = (r * w).nansum(-1)
+    return bool((total != total[0]).any())
 
 
 def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[str]:
