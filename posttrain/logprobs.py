@@ -204,6 +204,10 @@ def shared_prefix_token_logps(
     `token_logps` on the concatenated sequences (tested), at a fraction of the prompt cost.
     """
     base = unwrap(model)
+    if torch.is_grad_enabled() and _checkpointing(base):
+        # Checkpointed layers cannot return a cache: score the concatenated sequences instead.
+        return _concatenated_token_logps(model, prompts, row_prompt, completion_ids, completion_mask, pad_id,
+                                         temperature=temperature, chunk_size=chunk_size, with_stats=with_stats)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
     device = completion_ids.device
     P, width = len(prompts), max(len(p) for p in prompts)
@@ -249,3 +253,35 @@ def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:
     """1 on every position up to a row's last scored token (unscored tokens inside a completion still attend)."""
     last = torch.where(mask.any(-1), mask.shape[1] - 1 - mask.flip(-1).float().argmax(-1), torch.zeros_like(mask[:, 0]))
     return (torch.arange(mask.shape[1], device=mask.device)[None] <= last[:, None]).long()
+
+
+def _checkpointing(model) -> bool:
+    # transformers 5 renamed the flag; older versions only have the first name.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _concatenated_token_logps(model, prompts, row_prompt, completion_ids, completion_mask, pad_id, **kw) -> TokenLogps:
+    """The plain path behind `shared_prefix_token_logps`: prompt + completion per row, then re-aligned."""
+    N, Tc = completion_ids.shape
+    lengths = [len(prompts[int(r)]) for r in row_prompt]
+    width = max(lengths) + Tc
+    ids = torch.full((N, width), pad_id, dtype=torch.long, device=completion_ids.device)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    valid = _prefix_ones(completion_mask) | (completion_mask > 0).long()
+    for i, (r, L) in enumerate(zip(row_prompt.tolist(), lengths)):
+        n = int(valid[i].sum())
+        ids[i, :L] = torch.tensor(prompts[r], device=ids.device)
+        ids[i, L : L + n] = completion_ids[i, :n]
+        attn[i, : L + n] = 1
+        mask[i, L : L + Tc] = completion_mask[i]
+    out = token_logps(model, ids, attn, mask, **kw)
+    idx = torch.tensor(lengths, device=ids.device)[:, None] + torch.arange(Tc, device=ids.device)[None]
+
+    def take(x):
+        return None if x is None else x.gather(1, idx)
+
+    return TokenLogps(take(out.logps), take(out.mask), take(out.entropy), take(out.logits_mean), take(out.log_p2))

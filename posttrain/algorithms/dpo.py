@@ -34,7 +34,7 @@ from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import Encoded, encode_pair, truncate_pair
 from posttrain.engine import Algorithm, Engine, is_main
-from posttrain.logprobs import token_logps
+from posttrain.logprobs import shared_prefix_token_logps, token_logps
 from posttrain.losses.preference import (
     LOSS_OPTION_DEFAULTS,
     PREFERENCE_LOSSES,
@@ -70,6 +70,7 @@ class Config(TrainConfig):
     discopop_tau: float = opt(LOSS_OPTION_DEFAULTS["discopop_tau"], "DiscoPOP temperature.")
     simpo_gamma: float = opt(LOSS_OPTION_DEFAULTS["simpo_gamma"], "SimPO target margin.")
     cpo_alpha: float = opt(LOSS_OPTION_DEFAULTS["cpo_alpha"], "Weight of the chosen NLL in cpo and simpo (0: pure SimPO).")
+    shared_prefix: bool = opt(True, "Run each prompt once for both sides of a pair (same numbers, less compute).")
     ref_model: str | None = opt(None, "Reference model path (default: the starting policy).")
     precompute_ref_log_probs: bool = opt(False, "Score the data with the reference once, cache it, keep no reference in memory.")
     sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy during training.")
@@ -148,12 +149,17 @@ class PairBatch:
 
     input_ids, attention_mask, loss_mask  [2B, T]
     ref_logps                              [2B] precomputed reference sums, or None
+    prompts                                the B prompts (token ids), shared by both sides of a pair
+    completion_ids, completion_mask        [2B, Tc] the completions alone, right-padded
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     ref_logps: torch.Tensor | None
+    prompts: list | None = None
+    completion_ids: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0] // 2
@@ -187,7 +193,16 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
     ref = None
     if pairs[0].ref_chosen is not None:
         ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
-    return PairBatch(ids, attn, mask, ref)
+    # The same pair split at the prompt boundary, for the shared-prefix forward (prompt run once per pair).
+    starts = [s.mask.index(1) for s in seqs]
+    c_width = max(len(s) - st for s, st in zip(seqs, starts))
+    c_ids = torch.full((len(seqs), c_width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(seqs), c_width), dtype=torch.long)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        c_ids[i, : len(s) - st] = torch.tensor(s.input_ids[st:])
+        c_mask[i, : len(s) - st] = torch.tensor(s.mask[st:])
+    prompts = [p.chosen.input_ids[: starts[i]] for i, p in enumerate(pairs)]
+    return PairBatch(ids, attn, mask, ref, prompts, c_ids, c_mask)
 
 
 class DPO(Algorithm):
@@ -208,7 +223,13 @@ class DPO(Algorithm):
         return [collate_pairs(examples[i : i + size], self.pad_id) for i in range(0, len(examples), size)]
 
     def _sequence_logps(self, model, mb: PairBatch, with_stats: bool):
-        out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, with_stats=with_stats)
+        if self.cfg.shared_prefix and mb.prompts is not None:
+            B = len(mb)
+            rows = torch.arange(B).repeat(2)  # chosen rows, then rejected rows, each continuing prompt i
+            out = shared_prefix_token_logps(model, mb.prompts, rows, mb.completion_ids, mb.completion_mask,
+                                            self.pad_id, with_stats=with_stats)
+        else:
+            out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, with_stats=with_stats)
         lengths = out.counts()
         if self.cfg.ld_alpha is not None:
             B = len(mb)
