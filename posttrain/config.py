@@ -298,6 +298,13 @@ def load_config(cls: type, config_file: str | None, overrides: list[str]):
         _set_dotted(values, key.strip(), value)
         lines.pop(key.strip(), None)
     cfg = build_dataclass(cls, values, lines=lines)
+    demo = getattr(cls, "demo", None)
+    if demo and getattr(cfg, "dataset", "") is None:
+        # No dataset given: the command's built-in task with settings that finish in minutes on a CPU,
+        # except for the keys the user set.
+        for key, value in demo.items():
+            if key not in values:
+                setattr(cfg, key, value)
     cfg.validate()
     return cfg
 

@@ -80,6 +80,8 @@ class Config(TrainConfig):
     warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent warming up linearly from 0.")
     max_length: int = opt(512, "Maximum tokens of prompt + completion, per side of the pair.")
     command = "dpo"
+    demo = {"max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 2e-6,
+            "eval_dataset": "arithmetic:split=test,n=64"}
 
     def validate(self) -> None:
         if self.learning_rate is None:

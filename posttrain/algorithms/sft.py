@@ -27,6 +27,8 @@ class Config(SFTConfig):
     arithmetic task for a few minutes on a CPU."""
 
     command = "sft"
+    demo = {"max_steps": 40, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 2e-5, "warmup_ratio": 0.1,
+            "eval_dataset": "arithmetic:split=test,n=64"}
 
 
 class SFT(Algorithm):
