@@ -16,8 +16,8 @@ import torch
 from conftest import SHARED_DATA, needs_shared_data
 from safetensors.torch import load_file
 
-import posttrain.algorithms.grpo as grpo
 from posttrain import cli
+from posttrain.algorithms import grpo
 from posttrain.algorithms.grpo import GRPO, Config, PromptExample
 from posttrain.engine import Engine
 from posttrain.logprobs import naive_token_logps
@@ -70,9 +70,9 @@ def examples(tok):
 
 
 def make_cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), num_generations=G, max_completion_length=L, temperature=TEMP,
-                batch_size=2, micro_batch_size=2 * G, learning_rate=1e-2, max_grad_norm=0.0,
-                lr_scheduler="constant", progress=False, seed=0)
+    base = {"output_dir": str(tmp_path / "run"), "num_generations": G, "max_completion_length": L,
+            "temperature": TEMP, "batch_size": 2, "micro_batch_size": 2 * G, "learning_rate": 1e-2,
+            "max_grad_norm": 0.0, "lr_scheduler": "constant", "progress": False, "seed": 0}
     cfg = Config(**{**base, **kw})
     cfg.validate()
     return cfg
@@ -184,7 +184,7 @@ def test_loss_equals_policy_loss_on_naive_logps(tmp_path, tokenizer, loss_type):
     logps = naive_logps(model, mb)
     with torch.no_grad():
         ref_logps = naive_logps(ref, mb)
-    hand, hand_m = policy_loss(logps, None, adv, mask, ref_logps=ref_logps, beta=0.1, loss_type=loss_type,
+    hand, _ = policy_loss(logps, None, adv, mask, ref_logps=ref_logps, beta=0.1, loss_type=loss_type,
                                max_completion_length=L)
     hand.backward()
     assert_same_grads(g_trainer, grads(model))
@@ -423,6 +423,7 @@ def test_dynamic_sampling_judges_the_weighted_total(tmp_path, tokenizer, rollout
     assert 0 < sum(parity[:G]) < G and 0 < sum(parity[G:]) < G  # both groups mix even and odd
     assert algo.step_metrics()["sampling_rounds"] == 1.0
     assert algo.step_metrics()["reward"] == pytest.approx(1 - 0.5 * sum(parity) / (2 * G))
+    assert (mb.advantages > 0).tolist() == [p == 0 for p in parity]  # weighted total 1 (even) beats 0.5 (odd)
 
 
 # ------------------------------------------------------------------------------------ truncation mask
