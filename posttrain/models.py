@@ -94,7 +94,7 @@ def resolve_model_path(name: str) -> str:
             convert_gguf(path.resolve(), target)
         return str(target)
     if path.exists():
-        if path.is_dir() and not (path / "config.json").exists():
+        if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise UserError(f"{name}: folder has no config.json; not a Hugging Face model folder")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -124,6 +124,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
+        return _load_adapter(name, path, trust_remote_code, dtype, head)
     try:
         if head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -134,6 +136,19 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     except (OSError, ValueError) as e:  # ValueError: e.g. an unknown or malformed config.json
         raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
     return model
+
+
+def _load_adapter(name: str, path: str, trust_remote_code: bool, dtype, head: str):
+    """A LoRA run's output folder: its base model (as recorded by peft) with the adapter merged in."""
+    import json
+
+    from peft import PeftModel
+
+    base_name = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{name}: adapter_config.json does not name its base model")
+    base = load_model(base_name, trust_remote_code, dtype, head)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
