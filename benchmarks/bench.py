@@ -1,0 +1,661 @@
+"""Side-by-side benchmark: posttrain against Hugging Face TRL on this machine's CPU.
+
+    python benchmarks/bench.py dpo|grpo|logprobs|all [--steps N] [--quick] [--json FILE]
+
+Every measured run happens in its own child process (this same file, `--child KIND SPEC`), so each peak RSS
+belongs to that run alone and one library's allocator state cannot favour or burden the other. The parent only
+starts children and prints one table per part. See benchmarks/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "hh_helpful_train.jsonl"
+MODEL = "smollm2-135m-instruct"
+RESULT_MARK = "BENCH_RESULT "
+TRL_VERSION = "1.16.0"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# DPO configurations: (name, precompute_ref_log_probs, lora)
+DPO_CONFIGS = {
+    "full": (False, False),  # full fine-tuning, frozen reference copy in memory
+    "precompute": (True, False),  # full fine-tuning, reference log-probs computed once before training
+    "lora": (False, True),  # LoRA r=16 on q,k,v,o; reference = the same model with the adapter off
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers shared by parent and children
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0), so a later peak is one phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def median_after(values: list[float], warmup: int) -> tuple[float, int]:
+    """Median of the values after the first `warmup` (all of them if that would leave none)."""
+    kept = values[warmup:] or values
+    return statistics.median(kept), len(kept)
+
+
+def gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
+def trl_status() -> str | None:
+    """None when TRL is importable, else the reason it is not."""
+    if importlib.util.find_spec("trl") is None:
+        return f'TRL is not installed (pip install "trl=={TRL_VERSION}"); only the posttrain side runs'
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Children: each prints one line `BENCH_RESULT {json}` on stdout.
+
+
+def child_matmul(spec: dict) -> dict:
+    """float32 (2048 x 2048) @ (2048 x 2048): 2 n^3 FLOPs per product; median of `reps` products."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(spec["reps"]):
+        t = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t))
+    return {"gflops": statistics.median(rates) / 1e9, "threads": torch.get_num_threads()}
+
+
+def model_flop_counts(path: str) -> dict:
+    """Parameter counts that enter matmuls: decoder blocks (no input embedding: a lookup), the LM head
+    (counted even when tied to the embedding: it is a real matmul), and the LoRA adapters' own weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters() if p is not emb and p is not head)
+    lora = 0
+    for name, m in model.named_modules():
+        if name.split(".")[-1] in LORA_TARGETS:
+            lora += 16 * (m.in_features + m.out_features)
+    return {"matmul_params": body + head.numel(), "lora_params": lora}
+
+
+def child_dpo_posttrain(spec: dict) -> dict:
+    from posttrain.algorithms import dpo
+    from posttrain.cli import main
+
+    work = Path(spec["workdir"])
+    extra: dict = {}
+    # A fresh reference-log-prob cache, so the precompute pass is really computed (and timed) in this run.
+    dpo.cache_dir = lambda: work / "posttrain-cache"
+    original = dpo.precompute_reference
+
+    def timed_precompute(*args, **kwargs):
+        t = time.perf_counter()
+        source = original(*args, **kwargs)
+        extra.setdefault("precompute_seconds", time.perf_counter() - t)
+        return source
+
+    dpo.precompute_reference = timed_precompute
+    out = work / "posttrain-run"
+    argv = [
+        "dpo", f"model={spec['model']}", f"dataset={spec['data']}", f"max_steps={spec['steps']}",
+        "batch_size=2", "micro_batch_size=2", f"max_length={spec['max_length']}", f"output_dir={out}",
+        "progress=false", "logging_steps=1", "seed=42",
+        f"precompute_ref_log_probs={str(spec['precompute']).lower()}",
+    ]
+    if spec["lora"]:
+        argv += ["lora.r=16", "lora.alpha=32", "lora.dropout=0", f"lora.target_modules={','.join(LORA_TARGETS)}"]
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"posttrain dpo exited with {rc}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step_seconds" in r]
+    return {
+        "step_seconds": [r["step_seconds"] for r in rows],
+        "tokens": [round(r["tokens_per_second"] * r["step_seconds"]) for r in rows],
+        **extra,
+    }
+
+
+def child_dpo_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    ordered = [rows[i] for i in spec["order"]]  # posttrain's batch order, read sequentially below
+    extra: dict = {}
+    tokens: list[int] = []
+    pending = [0]
+
+    class Timed(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            extra.setdefault("precompute_seconds", time.perf_counter() - t)
+            return out
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            pending[0] += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def end_step():
+        tokens.append(pending[0])
+        pending[0] = 0
+
+    timer = make_step_timer(end_step)
+    args = DPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl-run"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        precompute_ref_log_probs=spec["precompute"],
+        precompute_ref_batch_size=8,  # posttrain's eval_batch_size, which its precompute pass uses
+        learning_rate=5e-6 if spec["lora"] else 5e-7,  # posttrain's DPO defaults
+        warmup_steps=0.1,  # a ratio of the steps (transformers 5), as posttrain's warmup_ratio 0.1
+        lr_scheduler_type="linear",
+        beta=0.1,
+        gradient_checkpointing=False,
+        bf16=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=42,
+    )
+    peft_config = None
+    if spec["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(spec["model_path"])
+    trainer = Timed(model=model, args=args, train_dataset=Dataset.from_list(ordered), processing_class=tok,
+                    peft_config=peft_config, callbacks=[timer])
+    trainer.train()
+    return {"step_seconds": timer.times, "tokens": tokens, **extra}
+
+
+def make_step_timer(on_end=None):
+    """A TrainerCallback timing each optimizer step: on_step_begin (before the first micro-batch's forward)
+    to on_step_end (after the optimizer step; Trainer logs after that, untimed). Built here so the parent
+    process never imports transformers."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._t)
+            if on_end:
+                on_end()
+
+    return StepTimer()
+
+
+def child_grpo_posttrain(spec: dict) -> dict:
+    from posttrain.cli import main
+
+    out = Path(spec["workdir"]) / "posttrain-run"
+    argv = [
+        "grpo", f"model={spec['model']}", f"dataset={spec['data']}", f"max_steps={spec['steps']}",
+        f"batch_size={spec['prompts']}", f"micro_batch_size={spec['micro']}", f"num_generations={spec['G']}",
+        f"max_completion_length={spec['max_new']}", "temperature=1.0", "beta=0", "learning_rate=1e-6",
+        "reward_funcs=accuracy", "loss_type=dapo", f"output_dir={out}", "progress=false", "logging_steps=1", "seed=42",
+    ]
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"posttrain grpo exited with {rc}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step_seconds" in r]
+    # The engine's step_seconds is the optimisation only; the rollout (sampling, rewards, advantages) is
+    # `prepare_seconds`, of which `generation_seconds` is sampling + reward scoring.
+    return {
+        "step_seconds": [r["prepare_seconds"] + r["step_seconds"] for r in rows],
+        "gen_seconds": [r["prepare_seconds"] for r in rows],
+        "sampling_seconds": [r["generation_seconds"] for r in rows],
+        "reward": [r.get("reward") for r in rows],
+    }
+
+
+def child_grpo_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.rollout.rewards import accuracy  # the very reward function posttrain uses
+
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    gen_times: list[float] = []
+    sampling_times: list[float] = []
+
+    class Timed(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            gen_times.append(time.perf_counter() - t)
+            return out
+
+        def _generate(self, prompts):
+            t = time.perf_counter()
+            out = super()._generate(prompts)
+            sampling_times.append(time.perf_counter() - t)
+            return out
+
+    completions = spec["prompts"] * spec["G"]
+    args = GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl-run"),
+        per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=completions // spec["micro"],
+        num_generations=spec["G"],
+        max_completion_length=spec["max_new"],
+        temperature=1.0,
+        beta=0.0,
+        learning_rate=1e-6,
+        loss_type="dapo",
+        max_steps=spec["steps"],
+        gradient_checkpointing=False,
+        bf16=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=42,
+    )
+    timer = make_step_timer()
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(spec["model_path"])
+    trainer = Timed(model=model, reward_funcs=accuracy, args=args, train_dataset=Dataset.from_list(rows),
+                    processing_class=tok, callbacks=[timer])
+    trainer.train()
+    rewards = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
+    return {"step_seconds": timer.times, "gen_seconds": gen_times, "sampling_seconds": sampling_times, "reward": rewards}
+
+
+def child_logprobs(spec: dict) -> dict:
+    """One log-prob routine, forward + backward into every parameter, on a random Llama at vocab 49152."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.logprobs import naive_token_logps, token_logps
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=spec["layers"],
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                      max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).float()
+    B, T = spec["batch"], spec["seq"]
+    ids = torch.randint(3, cfg.vocab_size, (B, T))
+    attn = torch.ones(B, T, dtype=torch.long)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if spec["variant"] != "chunked_all":
+        mask[:, : T // 2] = 0  # completion = the last half (the naive path computes every position anyway)
+
+    def run():
+        if spec["variant"] == "naive":
+            logps = naive_token_logps(model, ids, attn, mask)
+        else:
+            logps = token_logps(model, ids, attn, mask).logps
+        logps.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    baseline = current_rss_bytes()
+    reset_ok = reset_peak_rss()
+    times = []
+    for _ in range(spec["warmup"] + spec["reps"]):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    peak = peak_rss_bytes()
+    return {"seconds": times, "peak_rss": peak, "baseline_rss": baseline, "peak_reset": reset_ok}
+
+
+CHILDREN = {
+    "matmul": child_matmul,
+    "flops": lambda spec: model_flop_counts(spec["model_path"]),
+    "dpo_posttrain": child_dpo_posttrain,
+    "dpo_trl": child_dpo_trl,
+    "grpo_posttrain": child_grpo_posttrain,
+    "grpo_trl": child_grpo_trl,
+    "logprobs": child_logprobs,
+}
+
+
+def child_main(kind: str, spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    t = time.perf_counter()
+    result = CHILDREN[kind](spec)
+    result["wall_seconds"] = time.perf_counter() - t
+    result.setdefault("peak_rss", peak_rss_bytes())
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parent
+
+
+class Runner:
+    def __init__(self, workdir: Path, verbose: bool):
+        self.workdir, self.verbose, self.n = workdir, verbose, 0
+
+    def child(self, kind: str, label: str, **spec) -> dict | None:
+        """Run one child; its output goes to a log file (shown on failure). None when it failed."""
+        self.n += 1
+        run_dir = self.workdir / f"{self.n:02d}-{kind}"
+        run_dir.mkdir()
+        spec["workdir"] = str(run_dir)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+                   TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+        log = run_dir / "log.txt"
+        print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+        t = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], stdout=subprocess.PIPE,
+                                  stderr=f, text=True, cwd=ROOT, env=env, check=False)
+        result = None
+        for line in proc.stdout.splitlines():
+            if line.startswith(RESULT_MARK):
+                result = json.loads(line[len(RESULT_MARK):])
+        took = time.perf_counter() - t
+        if proc.returncode != 0 or result is None:
+            print(f" FAILED after {took:.0f} s (exit {proc.returncode}); last lines of {log}:", file=sys.stderr)
+            tail = (proc.stdout + "\n" + log.read_text()).strip().splitlines()[-25:]
+            print("\n".join("    " + line for line in tail), file=sys.stderr)
+            return None
+        print(f" {took:.0f} s", file=sys.stderr)
+        if self.verbose:
+            print(log.read_text(), file=sys.stderr)
+        return result
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if notes:
+        print()
+        for n in notes:
+            print(f"- {n}")
+    sys.stdout.flush()
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def dpo_flops_per_token(config: str, counts: dict) -> tuple[float, str]:
+    """Model FLOPs per non-pad token of one DPO step (attention's sequence-length term left out)."""
+    n, lora = counts["matmul_params"], counts["lora_params"]
+    if config == "full":
+        return 8 * n, "6N (policy fwd+bwd) + 2N (reference fwd)"
+    if config == "precompute":
+        return 6 * n, "6N (policy fwd+bwd; the reference pass ran before training)"
+    # Frozen base weights: forward 2N + input gradients 2N, no weight gradients; adapters 6 x their own weights.
+    return 6 * n + 6 * lora, "4N + 6N_lora (policy fwd+bwd, base frozen) + 2N (adapter-off reference fwd)"
+
+
+def usable_pairs(n: int, max_length: int) -> list[dict]:
+    """The first n rows of the data that keep a completion token at max_length. Both libraries drop rows whose
+    prompt alone fills max_length; filtering here keeps posttrain's batch order equal to the one TRL is fed."""
+    from posttrain.algorithms.dpo import encode_preference
+    from posttrain.models import load_tokenizer
+
+    tok = load_tokenizer(MODEL)
+    rows = []
+    for i, line in enumerate(DATA.read_text().splitlines()):
+        row = json.loads(line)
+        if encode_preference(tok, row, i, max_length, None) is not None:
+            rows.append(row)
+        if len(rows) == n:
+            return rows
+    raise SystemExit(f"{DATA}: only {len(rows)} usable pairs, {n} needed")
+
+
+def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: dict) -> None:
+    from posttrain.engine import BatchStream
+
+    steps, warmup = args.steps or (2 if args.quick else 12), args.warmup
+    max_length = 128 if args.quick else 512
+    rows = usable_pairs(2 * steps, max_length)
+    data = runner.workdir / "dpo_pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stream = BatchStream(len(rows), 2, 42)  # posttrain's data order at seed 42; TRL reads the same order
+    order = [i for s in range(steps) for i in stream.batch(s)]
+
+    mm = runner.child("matmul", "float32 matmul peak (2048 x 2048)", reps=10)
+    counts = runner.child("flops", "parameter counts", model_path=model_path)
+    peak = mm["gflops"] * 1e9 if mm else None
+    results["matmul"] = mm
+    table, notes, formulas = [], [], []
+    for name in args.dpo_configs:
+        precompute, lora = DPO_CONFIGS[name]
+        spec = {"model": MODEL, "model_path": model_path, "data": str(data), "order": order, "steps": steps,
+                "max_length": max_length, "precompute": precompute, "lora": lora}
+        res = {}
+        if args.side != "trl":
+            res["posttrain"] = runner.child("dpo_posttrain", f"dpo {name}: posttrain", **spec)
+        if have_trl:
+            res["trl"] = runner.child("dpo_trl", f"dpo {name}: TRL", **spec)
+        results[f"dpo_{name}"] = res
+        fpt, formula = dpo_flops_per_token(name, counts) if counts else (None, "")
+        formulas.append(f"{name}: {formula}")
+        summary = {}
+        for side in ("posttrain", "trl"):
+            r = res.get(side)
+            if not r:
+                continue
+            s, n = median_after(r["step_seconds"], warmup)
+            tok = statistics.mean(r["tokens"][warmup:] or r["tokens"])
+            tps = tok / s
+            mfu = f"{fpt * tps / 1e9:.0f} ({100 * fpt * tps / peak:.0f}%)" if fpt and peak else "-"
+            pre = f"{r['precompute_seconds']:.1f}" if "precompute_seconds" in r else "-"
+            summary[side] = (s, tps, r["peak_rss"])
+            table.append([name, side, f"{tok:.0f}", f"{s:.2f}", f"{tps:.0f}", gb(r["peak_rss"]), mfu, pre, str(n)])
+        if res.get("posttrain") and res.get("trl"):
+            # Same pairs in the same order: TRL's sequences are longer only by the template's newline after
+            # <|im_end|> (one token per sequence, 4 per step), which it keeps and posttrain does not.
+            for step, (a, b) in enumerate(zip(res["posttrain"]["tokens"], res["trl"]["tokens"]), 1):
+                if abs(a - b) > 8:
+                    print(f"WARNING: dpo {name} step {step}: posttrain saw {a} tokens, TRL {b}: not the same batch",
+                          file=sys.stderr)
+        if "posttrain" in summary and "trl" in summary:
+            p, t = summary["posttrain"], summary["trl"]
+            table.append([name, "**posttrain/TRL**", "", ratio(p[0], t[0]), ratio(p[1], t[1]), ratio(p[2], t[2]), "", "", ""])
+    header = ["config", "side", "tokens/step", "s/step", "tokens/s", "peak RSS", "model GFLOP/s (of peak)", "precompute s", "steps timed"]
+    if mm:
+        notes.append(f"float32 matmul peak: {mm['gflops']:.0f} GFLOP/s (2048x2048, median of 10; {mm['threads']} threads)")
+    if counts:
+        notes.append(f"N = {counts['matmul_params'] / 1e6:.1f}M matmul parameters (decoder + LM head), "
+                     f"N_lora = {counts['lora_params'] / 1e6:.2f}M; model FLOP/s = FLOPs/token x tokens/s, "
+                     "FLOPs/token: " + "; ".join(formulas) + " (attention's T^2 term not counted)")
+    notes.append(f"SmolLM2-135M-Instruct float32, first {len(rows)} usable pairs of {DATA.name}, chat template, "
+                 f"max_length {max_length}, 2 pairs per step, {steps} steps, median after {warmup} warm-up steps")
+    print_table("DPO: posttrain vs TRL " + TRL_VERSION, header, table, notes)
+
+
+def bench_grpo(runner: Runner, args, have_trl: bool, model_path: str, results: dict) -> None:
+    from posttrain.data.tasks import arithmetic_rows
+
+    steps, warmup = args.steps or (2 if args.quick else 5), args.warmup
+    prompts, max_new, G, micro = (2, 8, 4, 8) if args.quick else (8, 32, 4, 8)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+            for r in arithmetic_rows(prompts, seed=0)]
+    data = runner.workdir / "grpo_prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"model": MODEL, "model_path": model_path, "data": str(data), "steps": steps, "prompts": prompts, "G": G,
+            "max_new": max_new, "micro": micro}
+    res = {}
+    if args.side != "trl":
+        res["posttrain"] = runner.child("grpo_posttrain", "grpo: posttrain", **spec)
+    if have_trl:
+        res["trl"] = runner.child("grpo_trl", "grpo: TRL", **spec)
+    results["grpo"] = res
+    table, summary = [], {}
+    for side in ("posttrain", "trl"):
+        r = res.get(side)
+        if not r:
+            continue
+        total, n = median_after(r["step_seconds"], warmup)
+        gen, _ = median_after(r["gen_seconds"], warmup)
+        samp, _ = median_after(r["sampling_seconds"], warmup)
+        summary[side] = (total, gen, total - gen, r["peak_rss"])
+        table.append([side, f"{total:.2f}", f"{gen:.2f}", f"{samp:.2f}", f"{total - gen:.2f}", gb(r["peak_rss"]), str(n)])
+    if len(summary) == 2:
+        p, t = summary["posttrain"], summary["trl"]
+        table.append(["**posttrain/TRL**", ratio(p[0], t[0]), ratio(p[1], t[1]), "", ratio(p[2], t[2]), ratio(p[3], t[3]), ""])
+    header = ["side", "s/step", "rollout s", "of which sampling s", "training s", "peak RSS", "steps timed"]
+    notes = [
+        (f"{prompts} arithmetic prompts (posttrain's built-in task, as a user turn), G={G}, {max_new} new tokens, "
+         f"temperature 1, beta 0, loss dapo, {micro} completions per micro-batch, reward = posttrain's `accuracy`; "
+         f"{steps} steps, median after {warmup} warm-up steps"),
+        ("rollout = everything before the gradient work (sampling, rewards, advantages); sampling = the generate call "
+         "(posttrain: generate + reward scoring, its `generation_seconds`); training = s/step - rollout"),
+    ]
+    print_table("GRPO: posttrain vs TRL " + TRL_VERSION, header, table, notes)
+
+
+def bench_logprobs(runner: Runner, args, results: dict) -> None:
+    batch, seq, layers = (1, 256, 2) if args.quick else (4, 1024, 2)
+    reps = 2 if args.quick else 5
+    table, times = [], {}
+    variants = [("naive", "naive full log-softmax", "all (computes every position)"),
+                ("chunked_half", "posttrain token_logps", "last half"),
+                ("chunked_all", "posttrain token_logps", "all")]
+    for key, label, scored in variants:
+        r = runner.child("logprobs", f"logprobs: {key}", variant=key, batch=batch, seq=seq, layers=layers,
+                         warmup=1, reps=reps)
+        results[f"logprobs_{key}"] = r
+        if not r:
+            continue
+        s, n = median_after(r["seconds"], 1)
+        times[key] = (s, r["peak_rss"] - r["baseline_rss"])
+        table.append([label, scored, f"{s:.3f}", gb(r["peak_rss"] - r["baseline_rss"]), gb(r["peak_rss"]), str(n)])
+    if "naive" in times:
+        for key in ("chunked_half", "chunked_all"):
+            if key in times:
+                table.append([f"**{key} / naive**", "", ratio(times[key][0], times["naive"][0]),
+                              ratio(times[key][1], times["naive"][1]), "", ""])
+    header = ["routine", "scored tokens", "fwd+bwd s (median)", "extra peak RSS", "peak RSS", "reps timed"]
+    notes = [
+        (f"random LlamaForCausalLM: vocab 49152, hidden 576, {layers} layers, tied head, float32; batch {batch} x {seq} "
+         "tokens; forward + backward of sum(log-probs) into every parameter"),
+        ("extra peak RSS = the process's peak resident memory during the timed calls (peak mark reset after the "
+         "model and inputs were built) minus its resident memory just before them; each routine in its own process"),
+    ]
+    print_table("Log-prob routine: chunked vs naive", header, table, notes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["dpo", "grpo", "logprobs", "all"])
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps per DPO/GRPO run (default 12 DPO, 5 GRPO)")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; 1 with --quick)")
+    p.add_argument("--dpo-configs", default="full,precompute,lora", help="comma-separated subset of full,precompute,lora")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny runs that only check everything works")
+    p.add_argument("--side", choices=["both", "posttrain", "trl"], default="both", help="which library to run (default both)")
+    p.add_argument("--json", help="also write every raw measurement to this file")
+    p.add_argument("--verbose", action="store_true", help="print each child's log")
+    p.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    if "--child" in sys.argv:
+        i = sys.argv.index("--child")
+        child_main(sys.argv[i + 1], sys.argv[i + 2])
+        return
+    args = p.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.dpo_configs = [c.strip() for c in args.dpo_configs.split(",") if c.strip()]
+    bad = [c for c in args.dpo_configs if c not in DPO_CONFIGS]
+    if bad:
+        p.error(f"--dpo-configs: unknown {bad}; choose from {', '.join(DPO_CONFIGS)}")
+    sys.path.insert(0, str(ROOT))
+
+    have_trl = args.side != "posttrain"
+    if have_trl and (reason := trl_status()):
+        print(f"NOTE: {reason}", file=sys.stderr)
+        have_trl = False
+    trl_version = "not run"
+    if have_trl:
+        from importlib.metadata import version
+
+        trl_version = version("trl")
+        if trl_version != TRL_VERSION:
+            print(f"NOTE: TRL {trl_version} is installed; the reference numbers are for {TRL_VERSION}", file=sys.stderr)
+    model_path = ""
+    if args.part in ("dpo", "grpo", "all"):
+        from posttrain.models import resolve_model_path
+
+        model_path = resolve_model_path(MODEL)
+    import torch
+    import transformers
+
+    print(f"posttrain benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"TRL {trl_version}, "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{' (QUICK smoke run: numbers mean nothing)' if args.quick else ''}")
+    results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp:
+        runner = Runner(Path(tmp), args.verbose)
+        if args.part in ("dpo", "all"):
+            bench_dpo(runner, args, have_trl, model_path, results)
+        if args.part in ("grpo", "all"):
+            bench_grpo(runner, args, have_trl, model_path, results)
+        if args.part in ("logprobs", "all"):
+            bench_logprobs(runner, args, results)
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
