@@ -71,6 +71,7 @@ class TrainConfig:
     max_length: int = opt(1024, "Maximum tokens per sequence (prompt + completion); completions are cut at the end.")
     max_prompt_length: int | None = opt(None, "Maximum prompt tokens; longer prompts keep their end.")
     max_samples: int | None = opt(None, "Use only the first N rows of the training data.")
+    eval_max_samples: int | None = opt(None, "Use only the first N rows of the evaluation data.")
     # Optimisation
     output_dir: str | None = opt(None, "Run directory (config, metrics, checkpoints, final model). Default: runs/<command>.")
     max_steps: int = opt(-1, "Optimizer steps to run; -1 means derive from num_epochs.")
@@ -97,6 +98,12 @@ class TrainConfig:
     save_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest are deleted).")
     resume_from_checkpoint: str | None = opt(None, "'latest' (the newest in output_dir) or a checkpoint folder.")
     progress: bool = opt(True, "Show a progress bar on the console.")
+    distributed: str = opt(
+        "ddp",
+        "Under torchrun with several processes: ddp replicates weights and optimizer state on every device; "
+        "fsdp shards them (FSDP2), for models whose training state does not fit one device. One process: unused.",
+        ("ddp", "fsdp"),
+    )
 
     command = "train"
 
@@ -117,6 +124,7 @@ class TrainConfig:
             (self.eval_steps >= 0 and self.save_steps >= 0, "eval_steps and save_steps must be >= 0"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1"),
             (self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1"),
+            (self.eval_max_samples is None or self.eval_max_samples >= 1, "eval_max_samples must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

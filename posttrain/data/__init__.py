@@ -20,7 +20,8 @@ def load_train_eval(cfg, kind: str, default: str) -> tuple[Dataset, Dataset | No
     )
     evald = None
     if cfg.eval_dataset:
-        evald = load_dataset(cfg.eval_dataset, kind, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
+        evald = load_dataset(cfg.eval_dataset, kind, split=cfg.eval_split, skip_invalid=cfg.skip_invalid,
+                             max_samples=cfg.eval_max_samples)
     return train, evald
 
 
