@@ -88,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(module.Config))
             return 0
         cfg = load_config(module.Config, config_file, overrides)
-        result = module.run(cfg)
+        from posttrain import parallel
+
+        joined = parallel.init()  # under torchrun / srun: join the other processes (posttrain.parallel)
+        try:
+            result = module.run(cfg)
+        finally:
+            if joined:
+                parallel.shutdown()
         return result if isinstance(result, int) else 0
     except UserError as e:
         # One line, always: messages quoting library errors can carry newlines.

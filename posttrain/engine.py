@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from posttrain import parallel
 from posttrain.config import UserError, config_to_dict
 from posttrain.models import is_peft, unwrap
 
@@ -210,48 +211,63 @@ class Engine:
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
     def save_checkpoint(self, step: int) -> Path | None:
+        """Every rank calls this (several processes: FSDP shards are written collectively, RNG states per
+        rank); rank 0 writes the rest and renames the folder into place once all are done."""
         from safetensors.torch import save_file
 
-        if not is_main():
-            return None
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        params = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        if is_main():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        parallel.barrier()
+        if not parallel.save_sharded(tmp, self.model, self.optimizer) and is_main():
+            params = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(params, str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng, tmp / ("rng.pt" if self.world_size == 1 else f"rng-{self.rank}.pt"))
+        parallel.barrier()
+        if not is_main():
+            parallel.barrier()  # returns once rank 0 has put the checkpoint in place
+            return None
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         algo_state = self.algo.state_dict()
         if algo_state:
             torch.save(algo_state, tmp / "algorithm.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": self.stream.epoch_at(step)}))
+        trainer_state = {"step": step, "epoch": self.stream.epoch_at(step)}
+        if self.world_size > 1:
+            trainer_state["world_size"] = self.world_size
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         if self.cfg.save_total_limit:
             for old in self._checkpoints()[: -self.cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier()
         return final
 
     def load_checkpoint(self, path: Path) -> int:
         from safetensors.torch import load_file
 
         state = json.loads((path / "trainer_state.json").read_text())
-        params = load_file(str(path / "trainable.safetensors"))
-        named = dict(self.model.named_parameters())
-        missing = [n for n in params if n not in named]
-        if missing:
-            raise UserError(f"{path}: checkpoint does not match this model (e.g. {missing[0]})")
-        with torch.no_grad():
-            for n, t in params.items():
-                named[n].copy_(t)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        if state.get("world_size", 1) != self.world_size:
+            raise UserError(f"{path}: written by {state.get('world_size', 1)} processes; resume it with as many "
+                            f"(this run has {self.world_size})")
+        if not parallel.load_sharded(path, self.model, self.optimizer):
+            params = load_file(str(path / "trainable.safetensors"))
+            named = dict(self.model.named_parameters())
+            missing = [n for n in params if n not in named]
+            if missing:
+                raise UserError(f"{path}: checkpoint does not match this model (e.g. {missing[0]})")
+            with torch.no_grad():
+                for n, t in params.items():
+                    named[n].copy_(t)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = torch.load(path / "rng.pt", weights_only=False)
+        rng = torch.load(path / ("rng.pt" if self.world_size == 1 else f"rng-{self.rank}.pt"), weights_only=False)
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if (path / "algorithm.pt").exists():
@@ -274,15 +290,17 @@ class Engine:
         return path
 
     def save_final(self) -> None:
-        if not is_main():
-            return
         model = self.model
-        if is_peft(model) and self.cfg.lora is not None and self.cfg.lora.merge:
-            model = model.merge_and_unload()
-        elif not is_peft(model):
-            model = unwrap(model)
-        model.save_pretrained(self.out)
-        self.tokenizer.save_pretrained(self.out)
+        if parallel.is_fsdp(model):
+            model = parallel.full_copy(model)  # every rank sends its shards; rank 0 gets a plain CPU copy
+        if is_main():
+            if is_peft(model) and self.cfg.lora is not None and self.cfg.lora.merge:
+                model = model.merge_and_unload()
+            elif not is_peft(model):
+                model = unwrap(model)
+            model.save_pretrained(self.out)
+            self.tokenizer.save_pretrained(self.out)
+        parallel.barrier()
 
     # --- the loop ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -302,28 +320,27 @@ class Engine:
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         loss_total, tokens = 0.0, 0
-        for mb in micro_batches:
-            with self._autocast():
-                loss, metrics = algo.loss(self.model, mb, total)
-            loss.backward()
+        for i, mb in enumerate(micro_batches):
+            if self.device.type != "cpu":
+                mb = parallel.to_device(mb, self.device)
+            # Several processes: gradients cross ranks once per step, after the last micro-batch.
+            with parallel.accumulating(self.model, sync=i == len(micro_batches) - 1):
+                with self._autocast():
+                    loss, metrics = algo.loss(self.model, mb, total)
+                loss.backward()
             loss_total += float(loss.detach())
             tokens += algo.num_tokens(mb)
             w = algo.num_items(mb)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w
                 weights[k] = weights.get(k, 0.0) + w
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
-            )
-        else:
-            grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None))
+        grad_norm = parallel.grad_norm(self.model, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-        out.update(loss=float(all_reduce_sum(torch.tensor(loss_total))), grad_norm=float(grad_norm), learning_rate=lr)
+        out = parallel.reduce_means(sums, weights)  # over every rank's micro-batches
+        out.update(loss=float(all_reduce_sum(torch.tensor(loss_total))), grad_norm=grad_norm, learning_rate=lr)
         out["_tokens"] = float(all_reduce_sum(torch.tensor(float(tokens))))
         return out
 
@@ -331,7 +348,8 @@ class Engine:
         if not self.eval_examples:
             return {}
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        # Every rank evaluates the whole eval set (rank 0 logs it); FSDP: with gathered weights.
+        with torch.no_grad(), self._autocast(), parallel.gathered(self.model):
             metrics = self.algo.evaluate(self.model, self.eval_examples)
         self.model.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
@@ -340,6 +358,8 @@ class Engine:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        self.device = parallel.place(self.model, self.algo)
+        parallel.wrap(self.model, cfg.distributed, cfg.bf16)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = make_optimizer(self.model, cfg)
         warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * self.total_steps))
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps, warmup)
@@ -367,14 +387,16 @@ class Engine:
             step = start
             while step < self.total_steps:
                 examples = self._step_examples(step // self.algo.steps_per_batch)
-                micro_batches = self.algo.prepare(self.model, examples)
+                with parallel.gathered(self.model):  # generation / no-grad passes differ between ranks
+                    micro_batches = self.algo.prepare(self.model, examples)
                 for _ in range(self.algo.steps_per_batch):
                     if step >= self.total_steps:
                         break
                     ts = time.time()
                     metrics = self._run_step(micro_batches)
                     metrics.update(self.algo.step_metrics())
-                    self.algo.on_step_end(self.model, step + 1)
+                    with parallel.gathered(self.model):
+                        self.algo.on_step_end(self.model, step + 1)
                     step += 1
                     elapsed = time.time() - ts
                     metrics["tokens_per_second"] = metrics.pop("_tokens") / max(elapsed, 1e-9)
@@ -389,12 +411,12 @@ class Engine:
                     progress.update(step, row)
                     if cfg.save_steps and step % cfg.save_steps == 0:
                         self.save_checkpoint(step)
-                    if stop.signum is not None:
+                    if parallel.any_rank(stop.signum is not None):  # all ranks stop at the same step
                         path = self.save_checkpoint(step)
                         progress.close()
                         if is_main():
                             print(f"interrupted at step {step}; checkpoint saved to {path}", file=sys.stderr)
-                        raise SystemExit(128 + stop.signum)
+                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))  # a rank that got no signal itself
         final_eval = self.evaluate()
         if final_eval:
             last = {"step": step, **final_eval}

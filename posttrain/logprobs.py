@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.models import unwrap
+from posttrain.parallel import routed
 
 DEFAULT_CHUNK = 1024
 
@@ -104,6 +105,7 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
+@routed  # under DDP/FSDP: through the wrapper's forward (posttrain.parallel)
 def hidden_states(model, input_ids, attention_mask, position_ids=None):
     """Final-layer hidden states [B, T, H] (after the last norm) from the model's decoder."""
     base = unwrap(model)
@@ -120,6 +122,7 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None):
     return out.last_hidden_state
 
 
+@routed
 def token_logps(
     model,
     input_ids: torch.Tensor,
@@ -181,6 +184,7 @@ def naive_token_logps(model, input_ids, attention_mask, loss_mask, temperature: 
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1) * mask
 
 
+@routed
 def shared_prefix_token_logps(
     model,
     prompts: list[list[int]],

@@ -29,10 +29,11 @@ import torch
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import load_train_eval
 from posttrain.data.tokenize import encode_prompt
-from posttrain.engine import Algorithm, Engine, is_main
+from posttrain.engine import Algorithm, Engine, all_reduce_sum, is_main
 from posttrain.logprobs import shared_prefix_token_logps
 from posttrain.losses.policy import AGGREGATIONS, group_advantages, group_stats, loss_denominator, policy_loss
 from posttrain.models import frozen_copy, is_peft, prepare_model
+from posttrain.parallel import gather_rows
 from posttrain.rollout.generate import HFEngine
 from posttrain.rollout.rewards import compute_rewards, load_reward_funcs
 
@@ -241,17 +242,23 @@ class GRPO(Algorithm):
             texts=[t for _, r, sl, _ in groups for t in r.texts[sl]],
         )
         kept = [e for e, _, _, _ in groups]
+        # Several processes: every rank's groups (whole groups per rank), so batch statistics (scale_rewards
+        # =batch, GDPO's batch normalisation, the reward metrics) are over the global batch.
+        all_rewards, start = gather_rows(rewards)
         advantages = group_advantages(
-            rewards, G, scale=cfg.scale_rewards, std=cfg.std, aggregation=cfg.multi_objective_aggregation,
+            all_rewards, G, scale=cfg.scale_rewards, std=cfg.std, aggregation=cfg.multi_objective_aggregation,
             reward_weights=self.weights,
-        )
-        stats = group_stats(rewards, G, scale=cfg.scale_rewards, std=cfg.std,
+        )[start : start + len(rewards)]
+        stats = group_stats(all_rewards, G, scale=cfg.scale_rewards, std=cfg.std,
                             aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights)
         mask = rollout.completion_mask
         if cfg.mask_truncated_completions:
             mask = mask * (~rollout.truncated).long()[:, None]
         old = rollout.logps if cfg.num_iterations > 1 else None
-        lengths = rollout.completion_mask.sum(-1).float()
+        lengths = gather_rows(rollout.completion_mask.sum(-1).float())[0]
+        truncated = gather_rows(rollout.truncated)[0]
+        failures = all_reduce_sum(torch.tensor([gen_rounds_metrics["failures"], gen_rounds_metrics["timeouts"]],
+                                               dtype=torch.float64))
         m = {
             "reward": float(stats["reward"]),
             "reward_std": float(stats["reward_std"]),
@@ -259,14 +266,14 @@ class GRPO(Algorithm):
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
-            "reward_failures": float(gen_rounds_metrics["failures"]),
-            "reward_timeouts": float(gen_rounds_metrics["timeouts"]),
+            "completions/clipped_ratio": float(truncated.float().mean()),
+            "reward_failures": float(failures[0]),
+            "reward_timeouts": float(failures[1]),
             "generation_seconds": gen_seconds,
             "sampling_rounds": float(rounds),
         }
         for j, (name, _) in enumerate(self.funcs):
-            col = rewards[:, j]
+            col = all_rewards[:, j]
             m[f"rewards/{name}/mean"] = float(col.nanmean()) if (~col.isnan()).any() else float("nan")
         self._step_metrics = m
         if cfg.log_completions and is_main():
