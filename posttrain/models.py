@@ -78,12 +78,27 @@ def gguf_cache_name(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
+def _convert_once(gguf_path: Path, target: Path) -> None:
+    """convert_gguf unless the target exists, under a lock file: the processes of a torchrun launch all ask
+    for the model at once, and the first converts while the others wait for it (then find it done)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no POSIX locks (Windows): concurrent first runs may convert twice
+            pass
+        if not (target / "config.json").exists():
+            convert_gguf(gguf_path, target)
+
+
 def resolve_model_path(name: str) -> str:
     """Turn the `model` key into something `from_pretrained` accepts (a folder or a hub id)."""
     if name.lower() in (EMBEDDED_MODEL, "default"):
         target = cache_dir() / "models" / EMBEDDED_MODEL
         if not (target / "config.json").exists():
-            convert_gguf(_embedded_gguf(), target)
+            _convert_once(_embedded_gguf(), target)
         return str(target)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -91,7 +106,7 @@ def resolve_model_path(name: str) -> str:
             raise UserError(f"{name}: GGUF file not found")
         target = cache_dir() / "models" / gguf_cache_name(path)
         if not (target / "config.json").exists():
-            convert_gguf(path.resolve(), target)
+            _convert_once(path.resolve(), target)
         return str(target)
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():

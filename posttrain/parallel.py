@@ -71,7 +71,7 @@ def init() -> bool:
     if int(env.get("WORLD_SIZE", "1")) <= 1:
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device())
         backend = "cpu:gloo,cuda:nccl"  # NCCL for the GPU collectives, gloo for the engine's small CPU ones
     else:
         backend = "gloo"
@@ -88,9 +88,10 @@ def shutdown() -> None:
 
 
 def device() -> torch.device:
-    """This process's device: its GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    """This process's device: its GPU when CUDA is available (LOCAL_RANK among the visible GPUs; srun with
+    --gpus-per-task shows each task one GPU), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
