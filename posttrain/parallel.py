@@ -6,11 +6,10 @@ torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, or srun with MASTER_AD
 all-reduces gradients (DistributedDataParallel); `distributed: fsdp` shards them (FSDP2, `fully_shard` on each
 transformer block and on the whole). NCCL between GPUs, gloo on CPU. The algorithms do not change:
 
-- Batches. `batch_size` stays global: the engine gives rank r the examples r, r + N, ... of a step and every
-  micro-batch loss is divided by the step's GLOBAL count (tokens, pairs, sequences), all-reduced by the
-  engine.
-  So the rank gradients must be SUMMED, not averaged as DDP and FSDP do by default: `wrap` sets both to sum.
-  The sum of the ranks' gradients is then exactly the single-process gradient of the same global batch.
+- Batches. `batch_size` stays global: the engine gives rank r the examples r, r + N, ... of a step and
+  divides every micro-batch loss by the step's GLOBAL count (tokens, pairs, sequences; all-reduced). So the
+  ranks' gradients must be SUMMED, not averaged as DDP and FSDP do by default: `wrap` sets both to sum. The
+  sum of the ranks' gradients is then exactly the single-process gradient of the same global batch.
 - Forward. The algorithms get their log-probs from `posttrain.logprobs`, which runs the decoder and a fused
   LM head directly instead of the model's forward; DDP (preparing the gradient all-reduce) and FSDP
   (all-gathering parameters, then reduce-scattering gradients in backward) work through a module's forward
@@ -37,8 +36,6 @@ import torch.distributed as dist
 
 from posttrain.config import UserError
 from posttrain.models import unwrap
-
-log = logging.getLogger("posttrain")
 
 STRATEGIES = ("ddp", "fsdp")
 

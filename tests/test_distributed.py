@@ -189,16 +189,15 @@ def setup(tmp_path_factory):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Meanwhile, the single-process runs in this process (the cache of precomputed reference log-probs is
     # separate, so each side computes its own).
-    os.environ["POSTTRAIN_CACHE"] = str(tmp / "cache1")
-    sys.path.insert(0, str(tmp))
     try:
-        for name, path in one.items():
-            args = [a for a in jobs[name] if a != "distributed=fsdp"]
-            assert cli.main(args + [f"output_dir={path}"]) == 0, name
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("POSTTRAIN_CACHE", str(tmp / "cache1"))
+            mp.syspath_prepend(str(tmp))
+            for name, path in one.items():
+                args = [a for a in jobs[name] if a != "distributed=fsdp"]
+                assert cli.main(args + [f"output_dir={path}"]) == 0, name
         log, _ = launch.communicate(timeout=600)
     finally:
-        sys.path.remove(str(tmp))
-        del os.environ["POSTTRAIN_CACHE"]
         kill(launch)  # after a failure here or a hang there: leave no process behind
     assert launch.returncode == 0, log[-4000:]
     return {"tmp": tmp, "one": one, "two": two, "jobs": jobs, "env": env, "log": log}
