@@ -396,9 +396,9 @@ def prompt_examples(ds, tok, cfg) -> list[PromptExample]:
                 prompt = prompt + cfg.prompt_suffix
             else:
                 prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + cfg.prompt_suffix}]
-        if isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template:
-            prompt = [{"role": "user", "content": prompt}]
-        ids = encode_prompt(tok, prompt)
+        as_chat = isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template
+        # Reward functions see the prompt as the data has it (text stays text, as in TRL).
+        ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt)
         if max_prompt_length and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
         cols = {k: v for k, v in data.items() if k not in ("prompt", "completion", "chosen", "rejected")}
