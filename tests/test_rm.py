@@ -89,6 +89,36 @@ def test_pad_equal_to_eos(rm_model):
     torch.testing.assert_close(native, ours, rtol=0, atol=1e-5)
 
 
+def test_sequences_are_what_trl_and_plain_scorers_build(tokenizer):
+    """Conversations: the whole chat-template render, tokenized as one text (ChatML ends "<|im_end|>\\n").
+    Text: prompt + completion + EOS, tokenized as one text (TRL appends the EOS to text data)."""
+    prompt = [{"role": "user", "content": "What is 12 + 7?"}]
+    reply = [{"role": "assistant", "content": "19"}]
+    ids = R.encode_for_reward(tokenizer, prompt, reply, 1024)
+    trl = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(trl) and tokenizer.convert_ids_to_tokens(ids[-2:]) == ["<|im_end|>", "Ċ"]
+    text = R.encode_for_reward(tokenizer, "What is 12 + 7?", " 19", 1024)
+    assert (
+        text == tokenizer("What is 12 + 7? 19<|im_end|>")["input_ids"] and text[-1] == tokenizer.eos_token_id
+    )
+    assert R.encode_for_reward(tokenizer, "What is 12 + 7?", " 19<|im_end|>", 1024) == text  # EOS only once
+    with pytest.raises(UserError):
+        R.encode_for_reward(tokenizer, prompt, " 19", 1024)
+
+
+def test_truncation_keeps_the_end(tokenizer):
+    """The reward is read at the last token, so truncation drops tokens from the front: max_length keeps the
+    last max_length ids; max_prompt_length first drops the prompt's leading tokens beyond it."""
+    full = R.encode_for_reward(tokenizer, "What is 12 + 7?", " 19", 1024)
+    n_prompt = len(tokenizer("What is 12 + 7?")["input_ids"])
+    assert n_prompt > 3 and len(full) > n_prompt + 1
+    assert R.encode_for_reward(tokenizer, "What is 12 + 7?", " 19", 4) == full[-4:]
+    assert (
+        R.encode_for_reward(tokenizer, "What is 12 + 7?", " 19", 1024, max_prompt_length=2)
+        == full[n_prompt - 2 :]
+    )
+
+
 def test_distinct_pad_token_adds_one_when_every_special_token_is_used(rm_model):
     tok = tiny_tokenizer()
     tok.pad_token = tok.eos_token
@@ -226,10 +256,51 @@ def test_learns_a_toy_preference_and_reloads_to_the_same_scores(tmp_path, lora):
     assert bool((native[0::2] > native[1::2]).all())
 
 
+def test_rollout_reward_model_scores_conversations_like_training(tmp_path):
+    """`posttrain.rollout.rewards.RewardModelReward` (reward_model: PATH in online training) on a saved reward
+    model: for conversations it renders the same sequences, so it returns the trainer's rewards."""
+    from posttrain.rollout.rewards import RewardModelReward
+
+    base = pad_is_eos_model_dir(tmp_path)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say {w}."}],
+            "chosen": [{"role": "assistant", "content": w}],
+            "rejected": [{"role": "assistant", "content": v}],
+        }
+        for w, v in (("yes", "no"), ("no", "yes"), ("hello", "bye"))
+    ]
+    data = write_jsonl(tmp_path / "conv.jsonl", rows)
+    out = tmp_path / "run"
+    assert (
+        cli.main(
+            [
+                "rm",
+                f"model={base}",
+                f"dataset={data}",
+                "max_steps=2",
+                "batch_size=3",
+                "learning_rate=1e-2",
+                "progress=false",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
+    scorer = RewardModelReward(str(out), batch_size=4)
+    theirs = scorer([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        ours = [alone(model, R.encode_for_reward(tok, r["prompt"], r["chosen"], 1024)) for r in rows]
+    assert theirs == pytest.approx(ours, abs=1e-5)
+
+
 @needs_shared_data
 def test_real_data_train_accuracy_rises(tiny_model_dir, tmp_path):
-    """32 HH pairs (conversations), all 32 in every step, max_length 128: train accuracy climbs from 0.66 to
-    at least 0.9 within 8 steps (measured: 0.656 -> 1.0) and the loss falls (measured: 0.661 -> 0.259)."""
+    """32 HH pairs (conversations), all 32 in every step, max_length 128: train accuracy climbs from chance to
+    at least 0.8 over the last 4 of 12 steps and the loss falls by more than 0.3 (measured: accuracy 0.469 ->
+    0.844, loss 0.694 -> 0.215)."""
     out = tmp_path / "hh"
     code = cli.main(
         [
@@ -241,7 +312,7 @@ def test_real_data_train_accuracy_rises(tiny_model_dir, tmp_path):
             "micro_batch_size=8",
             "max_length=128",
             "max_prompt_length=96",
-            "max_steps=8",
+            "max_steps=12",
             "learning_rate=3e-3",
             "lr_scheduler=constant",
             "progress=false",
@@ -251,5 +322,5 @@ def test_real_data_train_accuracy_rises(tiny_model_dir, tmp_path):
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     acc = [r["accuracy"] for r in rows]
-    assert acc[0] <= 0.7 and acc[-1] >= 0.9, acc
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
+    assert acc[0] <= 0.6 and min(acc[-4:]) >= 0.8, acc
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3

@@ -9,21 +9,20 @@ First term: InstructGPT (Ouyang et al. 2022, arXiv 2203.02155, eq. 1); optional 
 `posttrain.losses.reward.bradley_terry_loss`; the step's loss is the sum over its pairs / the global pair
 count.
 
-The model is AutoModelForSequenceClassification with one output. A sequence is prompt + completion tokenized
-like every other command (`encode_for_reward`: chat template for conversations, prompt and completion
-tokenized separately, the completion ending with EOS, truncation keeping the prompt's end and the
-completion's start). Chosen and rejected run through one forward, stacked [chosen; rejected].
+The model is AutoModelForSequenceClassification with one output. A sequence is exactly what TRL's
+RewardTrainer builds (`encode_for_reward`): a conversation rendered whole by the chat template, or text
+prompt + completion + EOS; so a reward model trained here scores the same in TRL, or in plain transformers
+code fed `apply_chat_template(prompt + completion)`. Where TRL drops pairs longer than max_length, they are
+truncated here keeping their end. Chosen and rejected run through one forward, stacked [chosen; rejected].
 
 Where the reward is read. r(x, y) is the `score` head applied to the final hidden state of the LAST REAL
 token (the last position with attention_mask 1), computed here directly (`sequence_rewards`). transformers'
 own classifier forward picks the rightmost token whose id differs from `config.pad_token_id`; when pad == EOS
-(SmolLM2, Llama 3, any tokenizer given EOS as pad) the completion's closing EOS looks like padding and it
-would read one token early. So before training the tokenizer and the model config get a pad token distinct
-from EOS (`distinct_pad_token`), and the saved run directory loads with
+(SmolLM2, Llama 3, any tokenizer given EOS as pad) a sequence ending with EOS (text data; templates that end
+a turn with EOS) looks padded and it would read one token early. So before training the tokenizer and the
+model config get a pad token distinct from EOS (`distinct_pad_token`), and the saved run directory loads with
 `AutoModelForSequenceClassification.from_pretrained(run_dir)` and its tokenizer (right padding) to the same
-scores. LoRA reward models are always saved merged for the same reason. Scorers should build the sequence
-with `encode_for_reward`: rendering the whole conversation with the chat template instead appends the
-template's text after EOS (ChatML: a newline) and moves the token the reward is read from.
+scores. LoRA reward models are always saved merged for the same reason.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import torch
 
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
-from posttrain.data.tokenize import encode_pair, truncate_pair
+from posttrain.data.tokenize import encode_prompt, is_conversation
 from posttrain.engine import Algorithm, Engine, is_main
 from posttrain.logprobs import hidden_states
 from posttrain.losses.reward import bradley_terry_loss
@@ -107,11 +106,24 @@ class RMBatch:
 
 def encode_for_reward(
     tok, prompt, completion, max_length: int, max_prompt_length: int | None = None
-) -> list[int] | None:
-    """Token ids of prompt + completion exactly as the reward model is trained on them (None: the prompt fills
-    max_length). Scorers should build sequences with this so the reward is read where it was trained."""
-    pair = truncate_pair(*encode_pair(tok, prompt, completion), max_length, max_prompt_length)
-    return None if pair is None else pair[0] + pair[1]
+) -> list[int]:
+    """Token ids of prompt + completion as the reward model reads them, the sequence TRL's RewardTrainer
+    builds. Conversations are rendered whole by the chat template and tokenized as one text (a
+    ChatML sequence ends with "<|im_end|>\n"); text is prompt + completion + EOS. Truncation keeps the end,
+    where the reward is read: the prompt loses its first tokens beyond max_prompt_length, then the sequence
+    keeps its last max_length tokens."""
+    n_prompt = len(encode_prompt(tok, prompt))  # checks the chat template for conversations
+    if is_conversation(prompt) != is_conversation(completion):
+        raise UserError("prompt and completion must both be text or both be conversations")
+    if is_conversation(prompt):
+        text = tok.apply_chat_template(prompt + completion, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
+    else:
+        eos = tok.eos_token or ""
+        ids = encode_prompt(tok, prompt + completion + ("" if completion.endswith(eos) else eos))
+    if max_prompt_length is not None and n_prompt > max_prompt_length:
+        ids = ids[n_prompt - max_prompt_length :]
+    return ids[-max_length:]
 
 
 def _score_head(model):
@@ -232,14 +244,11 @@ def encode_pairs(tok, ds, cfg: TrainConfig) -> list[RMPair]:
     margins = iter([_margin(r.data.get("margin", 0.0), r.source) for r in ds.rows])
 
     def encode(data):
-        margin = next(margins)
-        chosen = encode_for_reward(tok, data["prompt"], data["chosen"], cfg.max_length, cfg.max_prompt_length)
-        rejected = encode_for_reward(
-            tok, data["prompt"], data["rejected"], cfg.max_length, cfg.max_prompt_length
-        )
-        if chosen is None or rejected is None:
-            return None
-        return RMPair(chosen, rejected, margin)
+        ids = [
+            encode_for_reward(tok, data["prompt"], data[k], cfg.max_length, cfg.max_prompt_length)
+            for k in ("chosen", "rejected")
+        ]
+        return RMPair(*ids, next(margins))
 
     return encode_dataset(ds, encode)
 
