@@ -196,6 +196,7 @@ class Engine:
         if cfg.batch_size % self.world_size:
             raise UserError(f"batch_size {cfg.batch_size} is not divisible by the number of processes {self.world_size}")
         self.total_steps = self._total_steps()
+        self._batch = None  # the prepared micro-batches of the current optimizer-step batch
         self.stream = BatchStream(len(train_examples), cfg.batch_size, cfg.seed)
 
     def _total_steps(self) -> int:
@@ -228,6 +229,10 @@ class Engine:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         torch.save(rng, tmp / ("rng.pt" if self.world_size == 1 else f"rng-{self.rank}.pt"))
+        if step % self.algo.steps_per_batch:
+            # Mid-batch (GRPO's num_iterations > 1): keep the batch itself, so a resumed run finishes its
+            # remaining iterations on the same rollouts instead of sampling new ones.
+            torch.save(self._batch, tmp / f"prepared-{self.rank}.pt")
         parallel.barrier()
         if not is_main():
             parallel.barrier()  # returns once rank 0 has put the checkpoint in place
@@ -272,6 +277,8 @@ class Engine:
         torch.set_rng_state(rng["torch"])
         if (path / "algorithm.pt").exists():
             self.algo.load_state_dict(torch.load(path / "algorithm.pt", weights_only=False))
+        prepared = path / f"prepared-{self.rank}.pt"
+        self._batch = torch.load(prepared, weights_only=False) if prepared.exists() else None
         return int(state["step"])
 
     def _resume_path(self) -> Path | None:
@@ -385,11 +392,16 @@ class Engine:
         progress = _Progress(self.total_steps, start, enabled=cfg.progress and is_main())
         with _StopFlag() as stop, progress:
             step = start
+            spb = self.algo.steps_per_batch
             while step < self.total_steps:
-                examples = self._step_examples(step // self.algo.steps_per_batch)
-                with parallel.gathered(self.model):  # generation / no-grad passes differ between ranks
-                    micro_batches = self.algo.prepare(self.model, examples)
-                for _ in range(self.algo.steps_per_batch):
+                if step % spb and self._batch is not None:  # resumed mid-batch: finish it first
+                    micro_batches = self._batch
+                else:
+                    examples = self._step_examples(step // spb)
+                    with parallel.gathered(self.model):  # generation / no-grad passes differ between ranks
+                        micro_batches = self.algo.prepare(self.model, examples)
+                self._batch = micro_batches
+                for _ in range(spb - step % spb):
                     if step >= self.total_steps:
                         break
                     ts = time.time()
@@ -401,7 +413,7 @@ class Engine:
                     elapsed = time.time() - ts
                     metrics["tokens_per_second"] = metrics.pop("_tokens") / max(elapsed, 1e-9)
                     metrics["step_seconds"] = elapsed
-                    row = {"step": step, "epoch": round(self.stream.epoch_at(step // self.algo.steps_per_batch), 4)}
+                    row = {"step": step, "epoch": round(self.stream.epoch_at(math.ceil(step / spb)), 4)}
                     row.update(metrics)
                     if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                         row.update(self.evaluate())

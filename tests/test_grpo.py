@@ -553,3 +553,23 @@ def test_two_steps_on_gsm8k(tmp_path, tiny_model_dir):
     for r in rows:  # the gold `answer` column reached the accuracy reward (NaN otherwise); random text is wrong
         assert r["rewards/accuracy/mean"] == 0.0 and r["reward"] == 0.0 and r["frac_reward_zero_std"] == 1.0
         assert r["completions/clipped_ratio"] == 1.0 and r["loss"] == 0.0
+
+
+def test_resume_mid_batch_finishes_the_same_rollouts(tmp_path, tiny_model_dir, data, rewards_module):
+    """num_iterations=2, checkpoint after step 1 (half-way through the first batch): the resumed run takes
+    step 2 on the saved rollouts (no new sampling) and step 3 on a new batch, ending on the uninterrupted
+    run's weights."""
+    base = [f"reward_funcs={rewards_module}:chars", "max_steps=3", "learning_rate=0.02", "num_iterations=2",
+            "log_completions=true"]
+    a, d = tmp_path / "a", tmp_path / "d"
+    assert cli.main(cli_args(tiny_model_dir, data, a, *base, "save_steps=1")) == 0
+    assert (a / "checkpoint-1" / "prepared-0.pt").exists()
+    (d / "checkpoint-1").mkdir(parents=True)
+    for f in (a / "checkpoint-1").iterdir():
+        (d / "checkpoint-1" / f.name).write_bytes(f.read_bytes())
+    assert cli.main(cli_args(tiny_model_dir, data, d, *base, "resume_from_checkpoint=latest")) == 0
+    # only the second batch (step 3) was sampled after resuming
+    assert (d / "completions.jsonl").read_text().splitlines() == (a / "completions.jsonl").read_text().splitlines()[2 * G :]
+    wa, wd = final_weights(a), final_weights(d)
+    assert all(torch.equal(wa[n], wd[n]) for n in wa)
+    assert [r["loss"] for r in metrics(d)] == [r["loss"] for r in metrics(a)][1:]
