@@ -81,6 +81,8 @@ def init() -> bool:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Tear down together: a rank destroying its gloo group while a peer still talks to it can abort.
+        dist.barrier()
         dist.destroy_process_group()
 
 
