@@ -261,9 +261,13 @@ def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:
 
 def _checkpointing(model) -> bool:
     # transformers 5 renamed the flag; older versions only have the first name.
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
+    import warnings
+
+    with warnings.catch_warnings():  # the old name warns about its deprecation on every read
+        warnings.simplefilter("ignore", FutureWarning)
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(model), name):
+                return bool(getattr(model, name))
     return False
 
 
