@@ -214,6 +214,7 @@ class RewardModelReward:
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # the reward is read at the last token: keep the end
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
@@ -228,7 +229,10 @@ class RewardModelReward:
         if isinstance(prompt, list) and self.tokenizer.chat_template:
             reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
             return self.tokenizer.apply_chat_template(prompt + reply, tokenize=False), True
-        return _text(prompt) + _text(completion), False
+        # Text data: scored as `posttrain rm` (and TRL) trained it, prompt + completion + EOS.
+        text = _text(prompt) + _text(completion)
+        eos = self.tokenizer.eos_token
+        return (text if not eos or text.endswith(eos) else text + eos), False
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         rendered = [self._render(p, c) for p, c in zip(prompts, completions)]

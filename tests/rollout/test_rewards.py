@@ -182,7 +182,8 @@ def test_reward_model_scores_match_a_single_forward(reward_model_dir, tokenizer)
         with torch.no_grad():
             return ref_model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
 
-    expected = [single(p + c) for p, c in zip(prompts, completions)]
+    # text data is scored as `posttrain rm` trains it: prompt + completion + EOS
+    expected = [single(p + c + tokenizer.eos_token) for p, c in zip(prompts, completions)]
     assert scores == pytest.approx(expected, abs=1e-5)  # right padding in the batches of 2 changes nothing
     assert len({round(s, 4) for s in scores}) == 3
     # conversations go through the chat template
