@@ -1,5 +1,6 @@
-"""`shared_prefix_token_logps` (each prompt through the decoder once, its KV cache gathered to the rows) against
-`token_logps` and the naive full log-softmax on the plain concatenated prompt + completion sequences."""
+"""`shared_prefix_token_logps` (each prompt laid out once with its completions in a padding-free packed row, a
+block mask keeping each completion to its own prompt) against `token_logps` and the naive full log-softmax on
+the plain concatenated prompt + completion sequences."""
 
 import pytest
 import torch
@@ -57,14 +58,14 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check(model, tok, temperature):
+def check(model, tok, temperature, **kw):
     prompts, row_prompt, ids, mask = case(tok)
     N, T = ids.shape
     # An arbitrary upstream gradient, different for every token, so a misplaced value changes the gradient.
     weights = torch.linspace(0.5, 2.0, N * T).view(N, T)
 
     shared = shared_prefix_token_logps(model, prompts, row_prompt, ids, mask, tok.pad_token_id,
-                                       temperature=temperature, chunk_size=3, with_stats=True)
+                                       temperature=temperature, chunk_size=3, with_stats=True, **kw)
     (shared.logps * weights).sum().backward()
     g_shared = grads(model)
     model.zero_grad()
@@ -126,3 +127,44 @@ def test_no_grad_path_and_single_prompt(tokenizer, model):
         naive = naive_token_logps(model, full, torch.ones_like(full), lm)[:, len(prompt):]
     assert not shared.logps.requires_grad
     torch.testing.assert_close(shared.logps, naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack_tokens", [1, 12, 30])
+def test_several_packed_rows_and_split_groups(tokenizer, pack_tokens):
+    """A small row budget: one unit per row (1), prompts' completions split over several units, each with
+    its own copy of the prompt (12), and a few units sharing a row next to padding (30). Same numbers."""
+    check(tiny_model(tokenizer, seed=5), tokenizer, 1.0, pack_tokens=pack_tokens)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_kernels_and_gradient_checkpointing(tokenizer, attn):
+    """The block mask reaches both attention kernels as an additive mask, and packed rows need no KV cache,
+    so checkpointed layers take the same path."""
+    model = tiny_model(tokenizer, seed=6)
+    model.config._attn_implementation = attn
+    check(model, tokenizer, 1.0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    check(model, tokenizer, 1.0)
+
+
+def test_kernels_without_masks_score_the_concatenated_sequences(tokenizer, monkeypatch):
+    """An attention kernel that takes no arbitrary mask (flash-attention) gets the plain sequences instead.
+    Stood in for by a custom kernel name that runs SDPA: the fallback is taken and gives the same numbers."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import posttrain.logprobs as lp
+
+    AttentionInterface.register("posttrain_test_kernel", sdpa_attention_forward)
+    model = tiny_model(tokenizer, seed=7)
+    prompts, row_prompt, ids, mask = case(tokenizer)
+    with torch.no_grad():
+        packed = shared_prefix_token_logps(model, prompts, row_prompt, ids, mask, tokenizer.pad_token_id)
+        calls = []
+        real = lp._concatenated_token_logps
+        monkeypatch.setattr(lp, "_concatenated_token_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+        model.config._attn_implementation = "posttrain_test_kernel"
+        plain = shared_prefix_token_logps(model, prompts, row_prompt, ids, mask, tokenizer.pad_token_id)
+    assert calls == [1]
+    torch.testing.assert_close(plain.logps, packed.logps, atol=1e-5, rtol=1e-5)
