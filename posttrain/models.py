@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.config import UserError
 
@@ -217,11 +218,67 @@ def prepare_model(cfg, head: str = "lm"):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if getattr(cfg, "lean_mlp", False):
+        lean_mlp(model)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, "SEQ_CLS" if head == "score" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return tok, model
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(g) * u), saving only g and u for backward.
+
+    Autograd on the plain module keeps four [tokens, intermediate] tensors per layer (g, silu(g), u and the
+    product that down_proj saves for its weight gradient); the elementwise part is cheap to redo, so this keeps
+    two and recomputes the rest in backward. No matmul is repeated.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u, weight, bias):
+        out = F.linear(F.silu(g) * u, weight.to(g.dtype), None if bias is None else bias.to(g.dtype))
+        ctx.save_for_backward(g, u, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g, u, weight = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        act = g * sig
+        grad_h = grad_out @ weight.to(grad_out.dtype)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            h = act * u
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        grad_u = grad_h * act
+        grad_g = grad_h * u * (sig * (1 + g * (1 - sig)))  # d silu(g)/dg
+        return grad_g, grad_u, grad_w, grad_b
+
+
+def _lean_forward(self, x):
+    if not torch.is_grad_enabled():
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+
+
+def lean_mlp(model) -> int:
+    """Give every SwiGLU MLP (gate/up/down projections as plain Linear layers, SiLU; Llama, Qwen2, Mistral,
+    SmolLM...) the lean backward of `_SwiGLUDown`. Modules of other shapes, or already wrapped (LoRA on the
+    MLP), keep their forward. Returns how many were changed."""
+    import types
+
+    n = 0
+    for m in model.modules():
+        parts = [getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        act = type(getattr(m, "act_fn", None))
+        if all(type(p) is torch.nn.Linear for p in parts) and (act is torch.nn.SiLU or act.__name__ == "SiLUActivation"):
+            m.forward = types.MethodType(_lean_forward, m)
+            n += 1
+    return n
 
 
 def frozen_copy(model):

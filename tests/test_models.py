@@ -152,3 +152,86 @@ def test_embedded_default_converts_loads_and_generates(monkeypatch, tmp_path):
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip()  # the converted weights produce text, not an immediate EOS
+
+
+# ------------------------------------------------------------------------------------------- lean MLP
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(model, ids, autocast=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    # An uneven upstream gradient, so a wrong term in any element shows.
+    (logits.float() * torch.linspace(-1, 2, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach().float(), _grads(model)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_mlp_equals_the_plain_module(tokenizer, bias):
+    """Same logits and the same gradient for every parameter as the stock SwiGLU MLP, with and without biases."""
+    import copy
+
+    from posttrain.models import lean_mlp
+    from posttrain.testing import tiny_model
+
+    plain = tiny_model(tokenizer, seed=11)
+    if bias:
+        for layer in plain.model.layers:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                lin = getattr(layer.mlp, name)
+                new = torch.nn.Linear(lin.in_features, lin.out_features, bias=True)
+                new.weight.data.copy_(lin.weight)
+                torch.nn.init.normal_(new.bias, std=0.1)
+                setattr(layer.mlp, name, new)
+    lean = copy.deepcopy(plain)
+    assert lean_mlp(lean) == len(plain.model.layers)
+    ids = torch.randint(3, tokenizer.vocab_size, (2, 9))
+    out_plain, g_plain = _run(plain, ids)
+    out_lean, g_lean = _run(lean, ids)
+    torch.testing.assert_close(out_lean, out_plain, atol=1e-6, rtol=1e-5)
+    assert set(g_lean) == set(g_plain) and any("down_proj" in n for n in g_plain)
+    for n in g_plain:
+        assert g_plain[n].abs().max() > 0, n
+        torch.testing.assert_close(g_lean[n], g_plain[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():  # no-grad passes (generation, references) take the stock path
+        torch.testing.assert_close(lean(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_lean_mlp_frozen_weights_bf16_and_lora(tokenizer):
+    """Frozen MLP weights get no gradient (LoRA elsewhere), bf16 autocast matches the plain module's autocast
+    numbers, and an MLP whose projections LoRA wrapped keeps its own forward."""
+    import copy
+
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora, lean_mlp
+    from posttrain.testing import tiny_model
+
+    plain = tiny_model(tokenizer, seed=12)
+    lean = copy.deepcopy(plain)
+    lean_mlp(lean)
+    ids = torch.randint(3, tokenizer.vocab_size, (2, 7))
+    _, g_true = _run(copy.deepcopy(plain), ids)  # float32
+    _, g_plain = _run(plain, ids, autocast=True)
+    _, g_lean = _run(lean, ids, autocast=True)
+    for n in g_true:
+        # bf16 rounds differently on the two paths: each is judged by its distance to the float32 gradient.
+        assert g_lean[n].dtype == torch.float32
+        err_plain = float((g_plain[n] - g_true[n]).norm() / g_true[n].norm())
+        err_lean = float((g_lean[n] - g_true[n]).norm() / g_true[n].norm())
+        assert err_lean < 0.03 and err_lean < 1.5 * err_plain + 1e-3, (n, err_lean, err_plain)
+
+    for m in (plain, lean):
+        for n, p in m.named_parameters():
+            p.requires_grad_("q_proj" in n)  # only attention trains: the MLP weights are frozen
+    _, g_plain = _run(plain, ids)
+    _, g_lean = _run(lean, ids)
+    assert set(g_lean) == set(g_plain) and all("q_proj" in n for n in g_lean)
+    for n in g_plain:
+        torch.testing.assert_close(g_lean[n], g_plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+    lora = apply_lora(tiny_model(tokenizer, seed=13), LoraConfig(r=4, alpha=8.0, target_modules=["gate_proj", "v_proj"]))
+    assert lean_mlp(lora) == 0
