@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from posttrain.config import UserError, describe, load_config
@@ -66,10 +67,28 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
     return command, config_file, overrides, want_help
 
 
+def _steady_malloc() -> None:
+    """Serve every allocation of 1 MiB or more with its own mmap (glibc), returned to the system when freed.
+
+    glibc raises that threshold as large blocks are freed, after which a training step's activations come
+    from its heap and stay resident as fragments: ~0.3 GB more peak RSS in a DPO run on the 135M model, at
+    the same speed. Other C libraries are left alone."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # a user's own setting wins
+        _steady_malloc()
     try:
         command, config_file, overrides, want_help = parse_args(argv)
         if not command:
