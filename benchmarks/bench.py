@@ -27,11 +27,12 @@ MODEL = "smollm2-135m-instruct"
 RESULT_MARK = "BENCH_RESULT "
 TRL_VERSION = "1.16.0"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# DPO configurations: (name, precompute_ref_log_probs, lora)
+# DPO configurations: name -> (precompute_ref_log_probs, lora, bf16 autocast)
 DPO_CONFIGS = {
-    "full": (False, False),  # full fine-tuning, frozen reference copy in memory
-    "precompute": (True, False),  # full fine-tuning, reference log-probs computed once before training
-    "lora": (False, True),  # LoRA r=16 on q,k,v,o; reference = the same model with the adapter off
+    "full": (False, False, False),  # full fine-tuning, frozen reference copy in memory
+    "precompute": (True, False, False),  # full fine-tuning, reference log-probs computed once before training
+    "lora": (False, True, False),  # LoRA r=16 on q,k,v,o; reference = the same model with the adapter off
+    "bf16": (False, False, True),  # "full" under bfloat16 autocast (weights and optimizer float32)
 }
 
 
@@ -138,7 +139,7 @@ def child_dpo_posttrain(spec: dict) -> dict:
         "dpo", f"model={spec['model']}", f"dataset={spec['data']}", f"max_steps={spec['steps']}",
         "batch_size=2", "micro_batch_size=2", f"max_length={spec['max_length']}", f"output_dir={out}",
         "progress=false", "logging_steps=1", "seed=42",
-        f"precompute_ref_log_probs={str(spec['precompute']).lower()}",
+        f"precompute_ref_log_probs={str(spec['precompute']).lower()}", f"bf16={str(spec['bf16']).lower()}",
     ]
     if spec["lora"]:
         argv += ["lora.r=16", "lora.alpha=32", "lora.dropout=0", f"lora.target_modules={','.join(LORA_TARGETS)}"]
@@ -150,6 +151,7 @@ def child_dpo_posttrain(spec: dict) -> dict:
     return {
         "step_seconds": [r["step_seconds"] for r in rows],
         "tokens": [round(r["tokens_per_second"] * r["step_seconds"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
         **extra,
     }
 
@@ -195,7 +197,7 @@ def child_dpo_trl(spec: dict) -> dict:
         lr_scheduler_type="linear",
         beta=0.1,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=spec["bf16"],
         report_to="none",
         dataloader_num_workers=0,
         logging_steps=1,
@@ -214,7 +216,8 @@ def child_dpo_trl(spec: dict) -> dict:
     trainer = Timed(model=model, args=args, train_dataset=Dataset.from_list(ordered), processing_class=tok,
                     peft_config=peft_config, callbacks=[timer])
     trainer.train()
-    return {"step_seconds": timer.times, "tokens": tokens, **extra}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_seconds": timer.times, "tokens": tokens, "loss": losses, **extra}
 
 
 def make_step_timer(on_end=None):
@@ -438,7 +441,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def dpo_flops_per_token(config: str, counts: dict) -> tuple[float, str]:
     """Model FLOPs per non-pad token of one DPO step (attention's sequence-length term left out)."""
     n, lora = counts["matmul_params"], counts["lora_params"]
-    if config == "full":
+    if config in ("full", "bf16"):
         return 8 * n, "6N (policy fwd+bwd) + 2N (reference fwd)"
     if config == "precompute":
         return 6 * n, "6N (policy fwd+bwd; the reference pass ran before training)"
@@ -463,6 +466,25 @@ def usable_pairs(n: int, max_length: int) -> list[dict]:
     raise SystemExit(f"{DATA}: only {len(rows)} usable pairs, {n} needed")
 
 
+def executed_positions(rows: list[dict], order: list[int], steps: int, max_length: int) -> list[int]:
+    """Positions posttrain's decoder runs per step: each prompt once, then both completions (its packed
+    shared-prefix layout, no padding). Counted from the same encoding the training run uses."""
+    from posttrain.algorithms.dpo import encode_preference
+    from posttrain.models import load_tokenizer
+
+    tok = load_tokenizer(MODEL)
+    pairs = [encode_preference(tok, r, i, max_length, None) for i, r in enumerate(rows)]
+    out = []
+    for s in range(steps):
+        n = 0
+        for i in order[2 * s : 2 * s + 2]:
+            p = pairs[i]
+            start = p.chosen.mask.index(1) if 1 in p.chosen.mask else len(p.chosen)
+            n += len(p.chosen) + len(p.rejected) - start  # the shared prompt counted once
+        out.append(n)
+    return out
+
+
 def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: dict) -> None:
     from posttrain.engine import BatchStream
 
@@ -473,6 +495,7 @@ def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: di
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stream = BatchStream(len(rows), 2, 42)  # posttrain's data order at seed 42; TRL reads the same order
     order = [i for s in range(steps) for i in stream.batch(s)]
+    executed = executed_positions(rows, order, steps, max_length)
 
     mm = runner.child("matmul", "float32 matmul peak (2048 x 2048)", reps=10)
     counts = runner.child("flops", "parameter counts", model_path=model_path)
@@ -480,9 +503,9 @@ def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: di
     results["matmul"] = mm
     table, notes, formulas = [], [], []
     for name in args.dpo_configs:
-        precompute, lora = DPO_CONFIGS[name]
+        precompute, lora, bf16 = DPO_CONFIGS[name]
         spec = {"model": MODEL, "model_path": model_path, "data": str(data), "order": order, "steps": steps,
-                "max_length": max_length, "precompute": precompute, "lora": lora}
+                "max_length": max_length, "precompute": precompute, "lora": lora, "bf16": bf16}
         res = {}
         if args.side != "trl":
             res["posttrain"] = runner.child("dpo_posttrain", f"dpo {name}: posttrain", **spec)
@@ -500,9 +523,19 @@ def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: di
             tok = statistics.mean(r["tokens"][warmup:] or r["tokens"])
             tps = tok / s
             mfu = f"{fpt * tps / 1e9:.0f} ({100 * fpt * tps / peak:.0f}%)" if fpt and peak else "-"
+            done = "-"
+            if side == "posttrain" and fpt and peak:
+                pps = statistics.mean(executed[warmup:steps] or executed) / s
+                done = f"{fpt * pps / 1e9:.0f} ({100 * fpt * pps / peak:.0f}%)"
             pre = f"{r['precompute_seconds']:.1f}" if "precompute_seconds" in r else "-"
+            dloss = "-"
+            full_run = results.get("dpo_full", {}).get(side)
+            if bf16 and full_run and r.get("loss") and full_run.get("loss"):
+                # Same weights, batches and learning rates as the float32 "full" run of the same library.
+                dloss = f"{max(abs(a - b) for a, b in zip(r['loss'], full_run['loss'])):.4f}"
             summary[side] = (s, tps, r["peak_rss"])
-            table.append([name, side, f"{tok:.0f}", f"{s:.2f}", f"{tps:.0f}", gb(r["peak_rss"]), mfu, pre, str(n)])
+            table.append([name, side, f"{tok:.0f}", f"{s:.2f}", f"{tps:.0f}", gb(r["peak_rss"]), mfu, done, pre,
+                          dloss, str(n)])
         if res.get("posttrain") and res.get("trl"):
             # Same pairs in the same order: TRL's sequences are longer only by the template's newline after
             # <|im_end|> (one token per sequence, 4 per step), which it keeps and posttrain does not.
@@ -512,14 +545,22 @@ def bench_dpo(runner: Runner, args, have_trl: bool, model_path: str, results: di
                           file=sys.stderr)
         if "posttrain" in summary and "trl" in summary:
             p, t = summary["posttrain"], summary["trl"]
-            table.append([name, "**posttrain/TRL**", "", ratio(p[0], t[0]), ratio(p[1], t[1]), ratio(p[2], t[2]), "", "", ""])
-    header = ["config", "side", "tokens/step", "s/step", "tokens/s", "peak RSS", "model GFLOP/s (of peak)", "precompute s", "steps timed"]
+            table.append([name, "**posttrain/TRL**", "", ratio(p[0], t[0]), ratio(p[1], t[1]), ratio(p[2], t[2]), "", "", "",
+                          "", ""])
+    header = ["config", "side", "tokens/step", "s/step", "tokens/s", "peak RSS", "model GFLOP/s (of peak)",
+              "executed GFLOP/s (of peak)", "precompute s", "bf16 max Δloss", "steps timed"]
     if mm:
         notes.append(f"float32 matmul peak: {mm['gflops']:.0f} GFLOP/s (2048x2048, median of 10; {mm['threads']} threads)")
     if counts:
         notes.append(f"N = {counts['matmul_params'] / 1e6:.1f}M matmul parameters (decoder + LM head), "
                      f"N_lora = {counts['lora_params'] / 1e6:.2f}M; model FLOP/s = FLOPs/token x tokens/s, "
                      "FLOPs/token: " + "; ".join(formulas) + " (attention's T^2 term not counted)")
+    notes.append("model GFLOP/s counts every non-pad token of chosen and rejected (the prompt twice), as the "
+                 "targets do; executed GFLOP/s counts the positions posttrain's decoder really runs (each prompt "
+                 f"once, no padding: {sum(executed[warmup:steps]) / max(1, len(executed[warmup:steps])):.0f} per step "
+                 "on average against the tokens/step column)")
+    notes.append("bf16 max Δloss: the largest absolute per-step loss difference between the bf16 run and the same "
+                 "library's float32 `full` run (same batches, same schedule)")
     notes.append(f"SmolLM2-135M-Instruct float32, first {len(rows)} usable pairs of {DATA.name}, chat template, "
                  f"max_length {max_length}, 2 pairs per step, {steps} steps, median after {warmup} warm-up steps")
     print_table("DPO: posttrain vs TRL " + TRL_VERSION, header, table, notes)
@@ -602,7 +643,8 @@ def main() -> None:
     p.add_argument("part", choices=["dpo", "grpo", "logprobs", "all"])
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per DPO/GRPO run (default 12 DPO, 5 GRPO)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; 1 with --quick)")
-    p.add_argument("--dpo-configs", default="full,precompute,lora", help="comma-separated subset of full,precompute,lora")
+    p.add_argument("--dpo-configs", default="full,precompute,lora,bf16",
+                   help="comma-separated subset of full,precompute,lora,bf16")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny runs that only check everything works")
     p.add_argument("--side", choices=["both", "posttrain", "trl"], default="both", help="which library to run (default both)")
     p.add_argument("--json", help="also write every raw measurement to this file")
