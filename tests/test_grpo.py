@@ -142,6 +142,12 @@ def data(tmp_path):
     return path
 
 
+# The tests that need every completion truncated sample with this seed: the random tiny model puts ~1/320 of its
+# mass on EOS, so whether a run of ~100 sampled tokens avoids it depends on the seed (7 of seeds 1-10 do; each
+# test asserts it). A change to the sampler can move it.
+NO_EOS_SEED = 1
+
+
 def cli_args(model_dir, data, out, *extra):
     return ["grpo", f"model={model_dir}", f"dataset={data}", f"output_dir={out}", f"num_generations={G}",
             f"max_completion_length={L}", "batch_size=2", "micro_batch_size=4", "progress=false", *extra]
@@ -416,7 +422,7 @@ def test_dynamic_sampling_judges_the_weighted_total(tmp_path, tokenizer, rollout
         return [float(len(c) % 2 == 1) for c in completions]
 
     exs = examples(tokenizer)
-    algo = GRPO(make_cfg(tmp_path, dynamic_sampling=True, reward_weights=[1.0, 0.5], seed=1), tokenizer,
+    algo = GRPO(make_cfg(tmp_path, dynamic_sampling=True, reward_weights=[1.0, 0.5], seed=2), tokenizer,
                 [("even", even), ("odd", odd)], exs)
     [mb] = algo.prepare(tiny_model(tokenizer), exs[:2])
     parity = [len(t) % 2 for t in rollouts[0].texts]
@@ -453,7 +459,8 @@ def test_every_completion_truncated_gives_zero_loss_not_nan(tmp_path, tiny_model
     loss is 0 (it was 0/0 = NaN before) and the weights do not move."""
     out = tmp_path / "run"
     assert cli.main(cli_args(tiny_model_dir, data, out, f"reward_funcs={rewards_module}:chars",
-                             "mask_truncated_completions=true", "max_steps=2", "learning_rate=0.01")) == 0
+                             "mask_truncated_completions=true", "max_steps=2", "learning_rate=0.01",
+                             f"seed={NO_EOS_SEED}")) == 0
     rows = metrics(out)
     assert [(r["loss"], r["grad_norm"], r["completions/clipped_ratio"]) for r in rows] == [(0.0, 0.0, 1.0)] * 2
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
@@ -497,7 +504,7 @@ def test_same_seed_same_run_and_resume_equals_uninterrupted(tmp_path, tiny_model
 def test_metric_names_and_completion_log(tmp_path, tiny_model_dir, data, rewards_module):
     out = tmp_path / "run"
     assert cli.main(cli_args(tiny_model_dir, data, out, f"reward_funcs={rewards_module}:has_e", "beta=0.04",
-                             "max_steps=2", "log_completions=true")) == 0
+                             "max_steps=2", "log_completions=true", f"seed={NO_EOS_SEED}")) == 0
     rows = metrics(out)
     names = {"reward", "reward_std", f"rewards/{rewards_module}:has_e/mean", "frac_reward_zero_std",
              "completions/mean_length", "completions/clipped_ratio", "kl", "entropy", "clip_ratio/low_mean",
@@ -546,7 +553,7 @@ def test_two_steps_on_gsm8k(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     rc = cli.main(["grpo", f"model={tiny_model_dir}", f"dataset={SHARED_DATA / 'gsm8k_train.jsonl'}",
                    "max_samples=4", "batch_size=2", "num_generations=2", "max_completion_length=8",
-                   "micro_batch_size=4", "max_steps=2", f"output_dir={out}", "progress=false"])
+                   "micro_batch_size=4", "max_steps=2", f"output_dir={out}", "progress=false", f"seed={NO_EOS_SEED}"])
     assert rc == 0
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]

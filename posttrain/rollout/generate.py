@@ -59,6 +59,17 @@ def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> t
     return logits
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` [B, V] (rows of non-negative weights), by inverse CDF on one uniform per row.
+
+    The same distribution as torch.multinomial(probs, 1), which on the CPU draws an exponential for every
+    vocabulary entry: ~3 ms a call at vocab 49152, 0.8 s of a 32-token GRPO rollout of 32 rows. A cumsum and
+    a binary search cost a fraction of that. Zero-weight entries are never drawn."""
+    cdf = probs.float().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
@@ -172,12 +183,12 @@ class HFEngine:
             scaled = logits / temperature if temperature > 0 else logits
             logp_all = scaled.log_softmax(-1)
             if temperature > 0:
-                probs = filter_logits(scaled, top_p, top_k).softmax(-1)
+                filtered = top_p < 1.0 or (top_k and top_k < scaled.size(-1))
+                probs = filter_logits(scaled, top_p, top_k).softmax(-1) if filtered else logp_all.exp()
                 if generators is None:
-                    nxt = torch.multinomial(probs, 1).squeeze(-1)
+                    nxt = sample(probs)
                 else:
-                    nxt = torch.cat([torch.multinomial(probs[g * G:(g + 1) * G], 1, generator=gen).squeeze(-1)
-                                     for g, gen in enumerate(generators)])
+                    nxt = torch.cat([sample(probs[g * G:(g + 1) * G], gen) for g, gen in enumerate(generators)])
             else:
                 nxt = logits.argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
