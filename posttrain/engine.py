@@ -55,6 +55,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x
+
+
 # ------------------------------------------------------------------------------------------------------
 
 

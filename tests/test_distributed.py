@@ -218,6 +218,10 @@ def test_two_processes_equal_one(setup):
         if name.startswith("grpo"):
             # reward statistics over the global batch (scale_rewards=batch: the batch std too)
             keys += ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy"]
+        if name == "kto":  # sums and counts added over both ranks before dividing
+            keys += ["rewards/chosen", "rewards/rejected", "logps/chosen", "count/desirable", "count/undesirable"]
+        if name == "rm":  # the step's extremes over both ranks
+            keys += ["min_reward", "max_reward", "accuracy"]
         assert_same_rows(a, b, keys, job=name)
         # grad_norm is the norm of the SUMMED gradient: averaged over ranks (DDP's and FSDP's default) it
         # would be half as large, a difference the weights alone would hide (Adam's update ignores the scale).

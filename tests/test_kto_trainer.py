@@ -49,6 +49,7 @@ def trainer_loss(algo, model, examples):
         loss, m = algo.loss(model, mb, float(len(examples)))
         total = total + loss
         metrics.update(m)
+    metrics.update(algo.step_metrics())  # the engine's call after the step's micro-batches
     return total, metrics
 
 

@@ -148,10 +148,7 @@ def test_loss_equals_bradley_terry_with_margin_and_centering(rm_model, tokenizer
     expected = (-F.logsigmoid(rc - rr - m) + 0.01 * (rc + rr) ** 2).sum() / 3
     algo = R.RewardModel(cfg, tokenizer.pad_token_id, with_margin=True)
     mbs = algo.prepare(rm_model, pairs)
-    assert [len(mb) for mb in mbs] == [2, 1] and [(mb.first, mb.last) for mb in mbs] == [
-        (True, False),
-        (False, True),
-    ]
+    assert [len(mb) for mb in mbs] == [2, 1]
     total, sums = 0.0, {}
     for mb in mbs:
         loss, metrics = algo.loss(rm_model, mb, 3.0)
@@ -160,6 +157,7 @@ def test_loss_equals_bradley_terry_with_margin_and_centering(rm_model, tokenizer
             sums.setdefault(k, []).append((v, len(mb)))
     torch.testing.assert_close(total.detach(), expected, rtol=0, atol=1e-6)
     step = {k: sum(v * w for v, w in vs) / sum(w for _, w in vs) for k, vs in sums.items()}
+    step.update(algo.step_metrics())  # the engine's call after the step's micro-batches
     everything = torch.cat([rc, rr])
     assert step["accuracy"] == pytest.approx(float((rc > rr).float().mean()), abs=1e-6)
     assert step["margin"] == pytest.approx(float((rc - rr).mean()), abs=1e-5)

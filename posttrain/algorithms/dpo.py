@@ -257,6 +257,8 @@ class DPO(Algorithm):
         B = len(mb)
         ref = self.reference_logps(model, mb)
         logps, lengths, out = self._sequence_logps(model, mb, with_stats=True)
+        if ref is not None:
+            ref = ref.to(logps.device)  # precomputed values live on the CPU; the policy may run on a GPU
         weights = None
         if self.cfg.use_weighting:
             # WPO: mean over tokens of (log p - log sum_v p_v^2), chosen + rejected, exp, clamped at 0.
@@ -348,33 +350,41 @@ def _cache_key(cfg: Config, model_path: str, pairs: list[Pair]) -> str:
     return h.hexdigest()[:24]
 
 
+def reference_pass(path: Path, model, ref_model, n: int, size: int, score) -> tuple[torch.Tensor, str]:
+    """[n, 2] reference values, from the disk cache at `path` or computed and cached there (by rank 0, atomically).
+
+    `score(ref, start, stop) -> [stop - start, 2]` runs on the reference: `ref_model`, or else the policy before
+    training (its LoRA adapter disabled), in eval mode without gradients, `size` examples per call. Shared by
+    every algorithm with `precompute_ref_log_probs`."""
+    if path.exists():
+        return torch.load(path), f"cache {path}"
+    ref = ref_model if ref_model is not None else model
+    ctx = model.disable_adapter() if (ref_model is None and is_peft(model)) else nullcontext()
+    values = torch.empty(n, 2)
+    was_training = ref.training
+    ref.eval()
+    with torch.no_grad(), ctx:
+        for i in range(0, n, size):
+            values[i : min(i + size, n)] = score(ref, i, min(i + size, n)).cpu()
+    ref.train(was_training)
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(values, tmp)
+        tmp.replace(path)
+    return values, f"computed, cached at {path}"
+
+
 def precompute_reference(cfg: Config, algo: DPO, model, pairs: list[Pair], label: str) -> str:
     """Fill pair.ref_chosen / ref_rejected, from the disk cache when the same model+data+settings ran before."""
     key = _cache_key(cfg, resolve_model_path(cfg.ref_model or cfg.model), pairs)
-    path = cache_dir() / "ref_logps" / f"{key}.pt"
-    if path.exists():
-        values = torch.load(path)
-        source = f"cache {path}"
-    else:
-        ref = algo.ref_model if algo.ref_model is not None else model
-        ctx = model.disable_adapter() if (algo.ref_model is None and is_peft(model)) else nullcontext()
-        values = torch.empty(len(pairs), 2)
-        was_training = ref.training
-        ref.eval()
-        with torch.no_grad(), ctx:
-            for i in range(0, len(pairs), cfg.eval_batch_size):
-                chunk = pairs[i : i + cfg.eval_batch_size]
-                mb = collate_pairs([Pair(p.index, p.chosen, p.rejected) for p in chunk], algo.pad_id)
-                sums = algo._sequence_logps(ref, mb, False)[0]
-                values[i : i + len(chunk), 0] = sums[: len(chunk)]
-                values[i : i + len(chunk), 1] = sums[len(chunk) :]
-        ref.train(was_training)
-        if is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(values, tmp)
-            tmp.replace(path)
-        source = f"computed, cached at {path}"
+
+    def score(ref, start, stop):
+        mb = collate_pairs([Pair(p.index, p.chosen, p.rejected) for p in pairs[start:stop]], algo.pad_id)
+        return algo._sequence_logps(ref, mb, False)[0].view(2, -1).t()  # [chosen, rejected] per pair
+
+    values, source = reference_pass(cache_dir() / "ref_logps" / f"{key}.pt", model, algo.ref_model, len(pairs),
+                                    cfg.eval_batch_size, score)
     for p, (c, r) in zip(pairs, values.tolist()):
         p.ref_chosen, p.ref_rejected = c, r
     return source

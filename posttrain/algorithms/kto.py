@@ -30,10 +30,9 @@ adapter disabled), `copy` (a frozen copy of the starting policy, or `ref_model: 
 
 Metrics (TRL names, eval with `eval/`): rewards/chosen and rewards/rejected (mean beta * r over the step's
 desirable / undesirable examples), rewards/margins (their difference), logps/chosen and logps/rejected (mean
-summed log-prob), count/desirable and count/undesirable, kl (z0, over all processes). The means are exact
-over the step: micro-batches add up sums and counts, and the step's last micro-batch reports the ratios (the
-engine averages a metric over the micro-batches that report it). Like every algorithm's metrics, all but kl
-are this process's.
+summed log-prob), count/desirable and count/undesirable, kl (z0). All are exact over the whole step on every
+process: micro-batches add up sums and counts, and `step_metrics` adds them over the processes before it
+divides (an average of per-micro-batch or per-process ratios would weight the examples unevenly).
 """
 
 from __future__ import annotations
@@ -41,12 +40,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from posttrain.algorithms.dpo import reference_pass
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.formats import Dataset, Row
@@ -54,7 +53,7 @@ from posttrain.data.tokenize import Encoded, LMBatch, collate, encode_pair, trun
 from posttrain.engine import Algorithm, Engine, all_reduce_sum, is_main
 from posttrain.logprobs import token_logps
 from posttrain.losses.kto import desirable_ratio_warning, kl_estimate, kto_loss
-from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, prepare_model, resolve_model_path
+from posttrain.models import cache_dir, frozen_copy, load_model, prepare_model, resolve_model_path
 
 log = logging.getLogger("posttrain")
 
@@ -118,15 +117,12 @@ class KTOBatch:
     labels      [B] bool, True = desirable
     ref_logps   [B] precomputed reference sums, or None
     z0          the step's KL estimate (a constant of the loss)
-    first, last the step's first / last micro-batch (the last one reports the step's metrics)
     """
 
     seqs: LMBatch
     labels: torch.Tensor
     ref_logps: torch.Tensor | None
     z0: float
-    first: bool = True
-    last: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -196,14 +192,12 @@ def encode_examples(tok, ds: Dataset, cfg: TrainConfig) -> list[KTOExample]:
     return build_examples(encode_dataset(ds, encode), cfg.max_length, cfg.max_prompt_length)
 
 
-def collate_examples(
-    examples: list[KTOExample], pad_id: int, z0: float, first: bool = True, last: bool = True
-) -> KTOBatch:
+def collate_examples(examples: list[KTOExample], pad_id: int, z0: float) -> KTOBatch:
     ref = None
     if examples[0].ref_logp is not None:
         ref = torch.tensor([e.ref_logp for e in examples], dtype=torch.float32)
     labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    return KTOBatch(collate([e.seq for e in examples], pad_id), labels, ref, z0, first, last)
+    return KTOBatch(collate([e.seq for e in examples], pad_id), labels, ref, z0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -257,7 +251,7 @@ class KTO(Algorithm):
                 batch = collate([e.kl_seq for e in chunk], self.pad_id)
                 policy.append(_sums(model, batch))
                 if self.strategy == "precomputed":
-                    ref.append(torch.tensor([e.ref_kl_logp for e in chunk], dtype=torch.float32))
+                    ref.append(torch.tensor([e.ref_kl_logp for e in chunk], dtype=torch.float32, device=policy[-1].device))
                 else:
                     ref.append(self.reference_sums(model, batch))
         return torch.cat(policy), torch.cat(ref)
@@ -270,19 +264,15 @@ class KTO(Algorithm):
         )
         z0 = max(0.0, float(totals[0] / totals[1]))
         size = self.cfg.micro_batch_size
-        starts = range(0, len(examples), size)
-        return [
-            collate_examples(examples[s : s + size], self.pad_id, z0, s == 0, s + size >= len(examples))
-            for s in starts
-        ]
+        return [collate_examples(examples[s : s + size], self.pad_id, z0) for s in range(0, len(examples), size)]
 
     def _compute(self, model, mb: KTOBatch):
         ref = mb.ref_logps if mb.ref_logps is not None else self.reference_sums(model, mb.seqs)
         logps = _sums(model, mb.seqs)
         return kto_loss(
             logps,
-            ref,
-            mb.labels,
+            ref.to(logps.device),  # precomputed values and eval batches stay on the CPU; the policy may not
+            mb.labels.to(logps.device),
             mb.z0,
             beta=self.cfg.beta,
             desirable_weight=self.cfg.desirable_weight,
@@ -291,14 +281,14 @@ class KTO(Algorithm):
 
     def loss(self, model, mb: KTOBatch, total_items: float):
         res = self._compute(model, mb)
-        if mb.first:
-            self._sums = dict.fromkeys(_SUM_KEYS, 0.0)
         for k in _SUM_KEYS:
-            self._sums[k] += float(res.metrics[k])
-        metrics = {"kl": mb.z0}
-        if mb.last:
-            metrics.update(summarize(self._sums))
-        return res.losses.sum() / total_items, metrics
+            self._sums[k] = self._sums.get(k, 0.0) + float(res.metrics[k])
+        return res.losses.sum() / total_items, {"kl": mb.z0}
+
+    def step_metrics(self) -> dict:
+        totals = all_reduce_sum(torch.tensor([self._sums.get(k, 0.0) for k in _SUM_KEYS], dtype=torch.float64))
+        self._sums = {}
+        return summarize(dict(zip(_SUM_KEYS, totals.tolist())))
 
     def evaluate(self, model, examples: list) -> dict:
         size = self.cfg.eval_batch_size
@@ -331,32 +321,14 @@ def _cache_key(model_path: str, examples: list[KTOExample]) -> str:
 
 def precompute_reference(cfg: Config, algo: KTO, model, examples: list[KTOExample]) -> str:
     """Fill ref_logp / ref_kl_logp of every example (from the disk cache when the same model and data ran)."""
-    path = (
-        cache_dir()
-        / "ref_logps"
-        / f"kto-{_cache_key(resolve_model_path(cfg.ref_model or cfg.model), examples)}.pt"
-    )
-    if path.exists():
-        values = torch.load(path)
-        source = f"cache {path}"
-    else:
-        ref = algo.ref_model if algo.ref_model is not None else model  # before training: the starting policy
-        ctx = model.disable_adapter() if (algo.ref_model is None and is_peft(model)) else nullcontext()
-        values = torch.empty(len(examples), 2)
-        was_training = ref.training
-        ref.eval()
-        with torch.no_grad(), ctx:
-            for i in range(0, len(examples), cfg.eval_batch_size):
-                chunk = examples[i : i + cfg.eval_batch_size]
-                values[i : i + len(chunk), 0] = _sums(ref, collate([e.seq for e in chunk], algo.pad_id))
-                values[i : i + len(chunk), 1] = _sums(ref, collate([e.kl_seq for e in chunk], algo.pad_id))
-        ref.train(was_training)
-        if is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(values, tmp)
-            tmp.replace(path)
-        source = f"computed, cached at {path}"
+    path = cache_dir() / "ref_logps" / f"kto-{_cache_key(resolve_model_path(cfg.ref_model or cfg.model), examples)}.pt"
+
+    def score(ref, start, stop):
+        chunk = examples[start:stop]
+        return torch.stack([_sums(ref, collate([e.seq for e in chunk], algo.pad_id)),
+                            _sums(ref, collate([e.kl_seq for e in chunk], algo.pad_id))], dim=1)
+
+    values, source = reference_pass(path, model, algo.ref_model, len(examples), cfg.eval_batch_size, score)
     for e, (main, kl) in zip(examples, values.tolist()):
         e.ref_logp, e.ref_kl_logp = main, kl
     return source

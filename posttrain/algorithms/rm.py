@@ -36,7 +36,7 @@ import torch
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import encode_prompt, is_conversation
-from posttrain.engine import Algorithm, Engine, is_main
+from posttrain.engine import Algorithm, Engine, all_reduce_max, is_main
 from posttrain.logprobs import hidden_states
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models import prepare_model, unwrap
@@ -87,14 +87,11 @@ class RMBatch:
 
     input_ids, attention_mask  [2B, T]
     margin                     [B] float32, or None when the data has no margin column
-    first, last                the step's first / last micro-batch (for the step's min and max reward)
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     margin: torch.Tensor | None
-    first: bool = True
-    last: bool = True
 
     def __len__(self) -> int:
         return self.input_ids.shape[0] // 2
@@ -168,9 +165,7 @@ def distinct_pad_token(tok, model) -> None:
     base.config.pad_token_id = tok.pad_token_id
 
 
-def collate_rm(
-    pairs: list[RMPair], pad_id: int, with_margin: bool, first: bool = True, last: bool = True
-) -> RMBatch:
+def collate_rm(pairs: list[RMPair], pad_id: int, with_margin: bool) -> RMBatch:
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -179,20 +174,16 @@ def collate_rm(
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32) if with_margin else None
-    return RMBatch(ids, attn, margin, first, last)
+    return RMBatch(ids, attn, margin)
 
 
 class RewardModel(Algorithm):
     def __init__(self, cfg: Config, pad_id: int, with_margin: bool = False):
         self.cfg, self.pad_id, self.with_margin = cfg, pad_id, with_margin
-        self._low = self._high = 0.0
+        self._low, self._high = math.inf, -math.inf
 
     def _batches(self, pairs: list[RMPair], size: int) -> list[RMBatch]:
-        starts = range(0, len(pairs), size)
-        return [
-            collate_rm(pairs[s : s + size], self.pad_id, self.with_margin, s == 0, s + size >= len(pairs))
-            for s in starts
-        ]
+        return [collate_rm(pairs[s : s + size], self.pad_id, self.with_margin) for s in range(0, len(pairs), size)]
 
     def prepare(self, model, examples: list) -> list:
         return self._batches(examples, self.cfg.micro_batch_size)
@@ -206,13 +197,16 @@ class RewardModel(Algorithm):
         losses, metrics = self._compute(model, mb)
         # Means over pairs: the engine's pair-weighted average over micro-batches is the step's exact mean.
         out = {k: float(metrics[k]) for k in ("accuracy", "margin", "mean_reward")}
-        # The engine averages a metric over the micro-batches that report it, so the step's min / max reward
-        # (not an average of per-micro-batch minima) is tracked here and reported by the last micro-batch.
-        low, high = float(metrics["min_reward"]), float(metrics["max_reward"])
-        self._low, self._high = (low, high) if mb.first else (min(self._low, low), max(self._high, high))
-        if mb.last:
-            out.update(min_reward=self._low, max_reward=self._high)
+        # The step's min / max reward (not an average of per-micro-batch minima): tracked over the micro-batches
+        # here, over the processes in step_metrics.
+        self._low = min(self._low, float(metrics["min_reward"]))
+        self._high = max(self._high, float(metrics["max_reward"]))
         return losses.sum() / total_items, out
+
+    def step_metrics(self) -> dict:
+        low, high = all_reduce_max(torch.tensor([-self._low, self._high], dtype=torch.float64)).tolist()
+        self._low, self._high = math.inf, -math.inf
+        return {"min_reward": -low, "max_reward": high}
 
     def evaluate(self, model, examples: list) -> dict:
         chosen, rejected, margins = [], [], []
