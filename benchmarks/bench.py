@@ -198,6 +198,7 @@ def child_dpo_trl(spec: dict) -> dict:
         beta=0.1,
         gradient_checkpointing=False,
         bf16=spec["bf16"],
+        use_cpu=spec["bf16"] and not torch.cuda.is_available(),  # transformers refuses bf16 on CPU without it
         report_to="none",
         dataloader_num_workers=0,
         logging_steps=1,
@@ -328,7 +329,10 @@ def child_logprobs(spec: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from posttrain.cli import _steady_malloc
     from posttrain.logprobs import naive_token_logps, token_logps
+
+    _steady_malloc()  # as the posttrain CLI does; for every variant, so only the routine differs
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=spec["layers"],
@@ -345,6 +349,8 @@ def child_logprobs(spec: dict) -> dict:
     def run():
         if spec["variant"] == "naive":
             logps = naive_token_logps(model, ids, attn, mask)
+        elif spec["variant"] == "decoder":  # the floor: no LM head at all
+            logps = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
         else:
             logps = token_logps(model, ids, attn, mask).logps
         logps.sum().backward()
@@ -613,7 +619,8 @@ def bench_logprobs(runner: Runner, args, results: dict) -> None:
     table, times = [], {}
     variants = [("naive", "naive full log-softmax", "all (computes every position)"),
                 ("chunked_half", "posttrain token_logps", "last half"),
-                ("chunked_all", "posttrain token_logps", "all")]
+                ("chunked_all", "posttrain token_logps", "all"),
+                ("decoder", "decoder only (no LM head)", "-")]
     for key, label, scored in variants:
         r = runner.child("logprobs", f"logprobs: {key}", variant=key, batch=batch, seq=seq, layers=layers,
                          warmup=1, reps=reps)
@@ -628,12 +635,19 @@ def bench_logprobs(runner: Runner, args, results: dict) -> None:
             if key in times:
                 table.append([f"**{key} / naive**", "", ratio(times[key][0], times["naive"][0]),
                               ratio(times[key][1], times["naive"][1]), "", ""])
+                if "decoder" in times:  # the LM head's own share: time and memory above the decoder floor
+                    f_s, f_m = times["decoder"]
+                    table.append([f"**{key} / naive, above the decoder floor**", "",
+                                  ratio(times[key][0] - f_s, times["naive"][0] - f_s),
+                                  ratio(times[key][1] - f_m, times["naive"][1] - f_m), "", ""])
     header = ["routine", "scored tokens", "fwd+bwd s (median)", "extra peak RSS", "peak RSS", "reps timed"]
     notes = [
         (f"random LlamaForCausalLM: vocab 49152, hidden 576, {layers} layers, tied head, float32; batch {batch} x {seq} "
          "tokens; forward + backward of sum(log-probs) into every parameter"),
         ("extra peak RSS = the process's peak resident memory during the timed calls (peak mark reset after the "
-         "model and inputs were built) minus its resident memory just before them; each routine in its own process"),
+         "model and inputs were built) minus its resident memory just before them; each routine in its own process, "
+         "all with the glibc mmap threshold the posttrain CLI sets; `decoder only` is the floor every routine "
+         "shares (the decoder's forward + backward and the parameter gradients, no LM head)"),
     ]
     print_table("Log-prob routine: chunked vs naive", header, table, notes)
 
