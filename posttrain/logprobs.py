@@ -68,23 +68,25 @@ class _HeadLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_stats):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_w = None  # the first chunk writes it, later ones add to it: no [vocab, hidden] zero fill
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         cs = ctx.chunk_size
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s : s + cs]
             logits = _chunk_logits(h, weight, bias, ctx.temperature)
             # d logp / d logits = onehot(target) - softmax; scaled by the upstream gradient and 1/T.
-            g = torch.exp(logits - lse_all[s : s + cs, None]).mul_(-grad_logp[s : s + cs, None])
+            g = logits.sub_(lse_all[s : s + cs, None]).exp_().mul_(-grad_logp[s : s + cs, None])  # in place
             g.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None].float())
             if ctx.temperature != 1.0:
                 g.div_(ctx.temperature)
             if grad_h is not None:
                 grad_h[s : s + cs] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h.float())
+            if ctx.needs_input_grad[1]:
+                grad_w = g.t() @ h.float() if grad_w is None else grad_w.addmm_(g.t(), h.float())
             if grad_b is not None:
                 grad_b.add_(g.sum(0))
+        if grad_w is None and ctx.needs_input_grad[1]:  # no scored token at all
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None
