@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from posttrain.data.tokenize import Encoded, collate, collate_packed, pack
 from posttrain.logprobs import _HeadLogProb, naive_token_logps, sequence_logps, token_logps
