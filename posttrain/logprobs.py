@@ -36,9 +36,11 @@ def _chunk_logits(h, weight, bias, temperature):
 class _HeadLogProb(torch.autograd.Function):
     """logp[n] = log_softmax(h[n] @ W^T + b)[target[n]], chunked over n.
 
-    Also returns detached per-token statistics of the same logits, cheap while the chunk is in memory:
-    row 0 entropy, row 1 mean logit over the vocabulary (TRL's `logits/*` metrics), row 2 log sum_v p_v^2
-    (WPO's weight adjustment). Only when `want_stats` is set; otherwise an empty tensor.
+    Also returns detached per-token statistics of the same logits while the chunk is in memory, one row per
+    name in `want_stats` (a tuple of STATS): `entropy`, `logits_mean` (mean logit over the vocabulary, TRL's
+    `logits/*` metrics) and `log_p2` (log sum_v p_v^2, WPO's weight adjustment). Each costs passes over the
+    [chunk, vocab] logits, so an algorithm asks only for those it reports: all three took ~0.5 s of a 3.7 s
+    DPO step on the benchmark.
     """
 
     @staticmethod
@@ -47,7 +49,7 @@ class _HeadLogProb(torch.autograd.Function):
         chunk_size = chunk_size or auto_chunk(weight.shape[0])
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        stats = torch.empty((3, n) if want_stats else (0,), dtype=torch.float32, device=hidden.device)
+        stats = torch.empty((len(want_stats), n), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_size):
             logits = _chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature)
             lse = torch.logsumexp(logits, dim=-1)
@@ -55,10 +57,15 @@ class _HeadLogProb(torch.autograd.Function):
             logp[s : s + chunk_size] = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse
             if want_stats:
                 with torch.no_grad():
-                    log_probs = logits - lse[:, None]
-                    stats[0, s : s + chunk_size] = -(log_probs.exp() * log_probs).sum(-1)
-                    stats[1, s : s + chunk_size] = logits.mean(-1)
-                    stats[2, s : s + chunk_size] = torch.logsumexp(2 * log_probs, dim=-1)
+                    probs = (logits - lse[:, None]).exp_() if {"entropy", "log_p2"} & set(want_stats) else None
+                    for row, name in enumerate(want_stats):
+                        if name == "entropy":  # H = lse - sum_v p_v logit_v
+                            value = lse - torch.linalg.vecdot(probs, logits)
+                        elif name == "logits_mean":
+                            value = logits.mean(-1)
+                        else:  # log_p2
+                            value = torch.linalg.vecdot(probs, probs).log()
+                        stats[row, s : s + chunk_size] = value
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(stats)
@@ -143,9 +150,10 @@ def token_logps(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    with_stats: bool = False,
+    with_stats: bool | tuple[str, ...] = False,
 ) -> TokenLogps:
-    """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring)."""
+    """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring).
+    `with_stats`: True for every per-token statistic of STATS, or the names of those wanted."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
     B, T = input_ids.shape
     mask = loss_mask.clone()
@@ -156,18 +164,37 @@ def token_logps(
     head = unwrap(model).get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, with_stats)
+        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, _stat_names(with_stats))
     else:
         with torch.no_grad():
-            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, with_stats)
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size,
+                                               _stat_names(with_stats))
 
     def scatter(values):
         return torch.zeros((B, T), dtype=torch.float32, device=input_ids.device).index_put((b_idx, t_idx), values)
 
     out = TokenLogps(scatter(flat), mask.float())
-    if with_stats:
-        out.entropy, out.logits_mean, out.log_p2 = scatter(stats[0]), scatter(stats[1]), scatter(stats[2])
+    _fill_stats(out, _stat_names(with_stats), stats, scatter)
     return out
+
+
+STATS = ("entropy", "logits_mean", "log_p2")
+
+
+def _stat_names(with_stats) -> tuple[str, ...]:
+    """`with_stats`: False, True (all of STATS) or an iterable of names from STATS."""
+    if with_stats is True:
+        return STATS
+    names = tuple(with_stats or ())
+    unknown = set(names) - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
+    return names
+
+
+def _fill_stats(out: "TokenLogps", names: tuple[str, ...], stats: torch.Tensor, scatter) -> None:
+    for row, name in enumerate(names):
+        setattr(out, name, scatter(stats[row]))
 
 
 class _NoCtx:
@@ -209,7 +236,7 @@ def shared_prefix_token_logps(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    with_stats: bool = False,
+    with_stats: bool | tuple[str, ...] = False,
     pack_tokens: int = PACK_TOKENS,
 ) -> TokenLogps:
     """Completion log-probs when many rows share a prompt (a GRPO group, a DPO pair), packed without padding.
@@ -299,17 +326,17 @@ def shared_prefix_token_logps(
     head = base.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, with_stats)
+        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, _stat_names(with_stats))
     else:
         with torch.no_grad():
-            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, with_stats)
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size,
+                                               _stat_names(with_stats))
 
     def scatter(values):
         return torch.zeros((N, Tc), dtype=torch.float32, device=device).index_put((b_idx, t_idx), values)
 
     out = TokenLogps(scatter(flat), mask)
-    if with_stats:
-        out.entropy, out.logits_mean, out.log_p2 = scatter(stats[0]), scatter(stats[1]), scatter(stats[2])
+    _fill_stats(out, _stat_names(with_stats), stats, scatter)
     return out
 
 

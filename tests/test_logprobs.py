@@ -69,6 +69,14 @@ def test_stats_match_full_logits(tokenizer, model):
     assert torch.allclose(out.logits_mean[:, 1:][m], logits[:, :-1].mean(-1)[m], atol=1e-5)
     assert torch.allclose(out.log_p2[:, 1:][m], torch.log((logp.exp() ** 2).sum(-1))[m], atol=1e-5)
     assert (out.entropy[out.mask == 0] == 0).all()
+    # Only the statistics asked for are computed, with the same values; unknown names are refused.
+    with torch.no_grad():
+        some = token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, chunk_size=3, with_stats=("log_p2",))
+    assert some.entropy is None and some.logits_mean is None
+    torch.testing.assert_close(some.log_p2, out.log_p2, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(some.logps, out.logps, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, with_stats=("entropy", "kl"))
 
 
 def test_head_function_with_bias_and_hidden_gradient():
@@ -78,7 +86,7 @@ def test_head_function_with_bias_and_hidden_gradient():
     bias = torch.randn(11, requires_grad=True)
     targets = torch.tensor([0, 3, 10, 5, 5, 1, 2])
     upstream = torch.randn(7)
-    logp, _ = _HeadLogProb.apply(h, w, bias, targets, 0.5, 3, False)
+    logp, _ = _HeadLogProb.apply(h, w, bias, targets, 0.5, 3, ())
     (logp * upstream).sum().backward()
     got = [t.grad.clone() for t in (h, w, bias)]
     for t in (h, w, bias):

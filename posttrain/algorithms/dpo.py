@@ -224,7 +224,7 @@ class DPO(Algorithm):
         size = self.cfg.micro_batch_size
         return [collate_pairs(examples[i : i + size], self.pad_id) for i in range(0, len(examples), size)]
 
-    def _sequence_logps(self, model, mb: PairBatch, with_stats: bool):
+    def _sequence_logps(self, model, mb: PairBatch, with_stats: bool | tuple[str, ...]):
         if self.cfg.shared_prefix and mb.prompts is not None:
             B = len(mb)
             rows = torch.arange(B).repeat(2)  # chosen rows, then rejected rows, each continuing prompt i
@@ -256,7 +256,8 @@ class DPO(Algorithm):
     def _compute(self, model, mb: PairBatch):
         B = len(mb)
         ref = self.reference_logps(model, mb)
-        logps, lengths, out = self._sequence_logps(model, mb, with_stats=True)
+        stats = ("logits_mean", "log_p2") if self.cfg.use_weighting else ("logits_mean",)
+        logps, lengths, out = self._sequence_logps(model, mb, with_stats=stats)
         if ref is not None:
             ref = ref.to(logps.device)  # precomputed values live on the CPU; the policy may run on a GPU
         weights = None

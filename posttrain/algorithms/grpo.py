@@ -288,7 +288,7 @@ class GRPO(Algorithm):
         self._step_metrics["prepare_seconds"] = time.time() - t0
         return micro
 
-    def _logps(self, model, mb: RolloutBatch, with_stats: bool = False):
+    def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False):
         return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
                                          self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats)
 
@@ -318,7 +318,7 @@ class GRPO(Algorithm):
 
     def loss(self, model, mb: RolloutBatch, total_items: float):
         cfg = self.cfg
-        out = self._logps(model, mb, with_stats=True)
+        out = self._logps(model, mb, with_stats=("entropy",))
         mask = out.mask
         bnpo = cfg.loss_type == "bnpo"
         loss, metrics = policy_loss(
