@@ -56,8 +56,8 @@ class TrainConfig:
     chat_template: str | None = opt(None, "A Jinja chat template (string or file path) replacing the tokenizer's.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
     bf16: bool = opt(False, "bfloat16 autocast for forward/backward (weights and optimizer stay float32).")
-    lean_mlp: bool = opt(True, "SwiGLU MLPs keep only their two projections for backward and recompute the rest "
-                         "(same numbers, ~25% less activation memory).")
+    lean_mlp: bool = opt(True, "SwiGLU MLPs keep two of their four [tokens, intermediate] activations for backward "
+                         "and recompute the rest (same numbers, no extra matmul).")
     disable_dropout: bool = opt(True, "Turn off every dropout layer in the model (and the reference).")
     lora: LoraConfig | None = opt(None, "LoRA block (r, alpha, dropout, target_modules, merge); absent = full fine-tuning.")
     # Data
