@@ -191,7 +191,11 @@ def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
         target_modules=list(lora_cfg.target_modules),
         task_type=task_type,
     )
-    return get_peft_model(model, peft_cfg)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated checkpointing flag: noise on every run
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def is_peft(model) -> bool:
