@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from posttrain.data.tokenize import first_fit
 from posttrain.models import unwrap
 from posttrain.parallel import routed
 
@@ -155,27 +156,12 @@ def token_logps(
     """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring).
     `with_stats`: True for every per-token statistic of STATS, or the names of those wanted."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
-    B, T = input_ids.shape
     mask = loss_mask.clone()
     mask[:, 0] = 0  # the first token has no prediction
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     h = hidden[b_idx, t_idx - 1]  # position t-1 predicts token t
     targets = input_ids[b_idx, t_idx]
-    head = unwrap(model).get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, _stat_names(with_stats))
-    else:
-        with torch.no_grad():
-            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size,
-                                               _stat_names(with_stats))
-
-    def scatter(values):
-        return torch.zeros((B, T), dtype=torch.float32, device=input_ids.device).index_put((b_idx, t_idx), values)
-
-    out = TokenLogps(scatter(flat), mask.float())
-    _fill_stats(out, _stat_names(with_stats), stats, scatter)
-    return out
+    return _score(unwrap(model), h, targets, (b_idx, t_idx), mask.float(), temperature, chunk_size, with_stats)
 
 
 STATS = ("entropy", "logits_mean", "log_p2")
@@ -192,9 +178,25 @@ def _stat_names(with_stats) -> tuple[str, ...]:
     return names
 
 
-def _fill_stats(out: "TokenLogps", names: tuple[str, ...], stats: torch.Tensor, scatter) -> None:
+def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -> "TokenLogps":
+    """The LM head on the hidden states `h` of the scored positions (`index` into `mask`'s shape), with
+    gradients when anything needs them, scattered back to a TokenLogps shaped like `mask`."""
+    head = base.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    names = _stat_names(with_stats)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, names)
+    else:
+        with torch.no_grad():
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, names)
+
+    def scatter(values):
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(index, values)
+
+    out = TokenLogps(scatter(flat), mask)
     for row, name in enumerate(names):
         setattr(out, name, scatter(stats[row]))
+    return out
 
 
 class _NoCtx:
@@ -273,20 +275,10 @@ def shared_prefix_token_logps(
             unit.append(r)
         if unit:
             units.append((g, unit))
-    budget = max(pack_tokens, max(len(prompts[g]) + sum(lengths[i] for i in u) for g, u in units))
-    rows: list[list[tuple[int, list[int]]]] = []
-    sizes: list[int] = []
-    for g, u in units:  # first fit, in order
-        size = len(prompts[g]) + sum(lengths[i] for i in u)
-        for j in range(len(rows)):
-            if sizes[j] + size <= budget:
-                rows[j].append((g, u))
-                sizes[j] += size
-                break
-        else:
-            rows.append([(g, u)])
-            sizes.append(size)
-    R, L = len(rows), max(sizes)
+    unit_sizes = [len(prompts[g]) + sum(lengths[i] for i in u) for g, u in units]
+    bins = first_fit(unit_sizes, max(pack_tokens, max(unit_sizes)))
+    rows = [[units[k] for k in b] for b in bins]
+    R, L = len(rows), max(sum(unit_sizes[k] for k in b) for b in bins)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
     pos = torch.zeros((R, L), dtype=torch.long)
     segment = torch.full((R, L), -1, dtype=torch.long)  # which unit a position belongs to
@@ -322,22 +314,7 @@ def shared_prefix_token_logps(
     mask = completion_mask.float()
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     h = hidden.reshape(R * L, -1)[prev.to(device)[b_idx, t_idx]]
-    targets = completion_ids[b_idx, t_idx]
-    head = base.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, _stat_names(with_stats))
-    else:
-        with torch.no_grad():
-            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size,
-                                               _stat_names(with_stats))
-
-    def scatter(values):
-        return torch.zeros((N, Tc), dtype=torch.float32, device=device).index_put((b_idx, t_idx), values)
-
-    out = TokenLogps(scatter(flat), mask)
-    _fill_stats(out, _stat_names(with_stats), stats, scatter)
-    return out
+    return _score(base, h, completion_ids[b_idx, t_idx], (b_idx, t_idx), mask, temperature, chunk_size, with_stats)
 
 
 def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:

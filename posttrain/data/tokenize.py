@@ -197,21 +197,28 @@ def collate(examples: list[Encoded], pad_id: int) -> LMBatch:
     return LMBatch(ids, attn, mask)
 
 
-def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
-    """Greedy first-fit packing into rows of at most max_length tokens; keeps the per-example split
-    (positions restart) through `Packed.boundaries`."""
-    rows: list[list[Encoded]] = []
-    sizes: list[int] = []
-    for e in sorted(examples, key=len, reverse=True):
-        for j, s in enumerate(sizes):
-            if s + len(e) <= max_length:
-                rows[j].append(e)
-                sizes[j] += len(e)
+def first_fit(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes` put, in the given order, into the first bin that still has room under `budget`
+    (an item larger than the budget gets a bin of its own)."""
+    bins: list[list[int]] = []
+    totals: list[int] = []
+    for i, size in enumerate(sizes):
+        for j, total in enumerate(totals):
+            if total + size <= budget:
+                bins[j].append(i)
+                totals[j] += size
                 break
         else:
-            rows.append([e])
-            sizes.append(len(e))
-    return [Packed(r) for r in rows]
+            bins.append([i])
+            totals.append(size)
+    return bins
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Greedy first-fit packing (longest first) into rows of at most max_length tokens; keeps the per-example
+    split (positions restart) through `Packed.boundaries`."""
+    ordered = sorted(examples, key=len, reverse=True)
+    return [Packed([ordered[i] for i in b]) for b in first_fit([len(e) for e in ordered], max_length)]
 
 
 class Packed(Encoded):
