@@ -211,6 +211,15 @@ def unwrap(model):
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so frozen inputs still work)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def prepare_model(cfg, head: str = "lm"):
     """Load the tokenizer and the trainable policy per config: dropout, LoRA, gradient checkpointing."""
     tok = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, cfg.chat_template)
@@ -220,8 +229,7 @@ def prepare_model(cfg, head: str = "lm"):
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     if getattr(cfg, "lean_mlp", False):
         lean_mlp(model)
     if cfg.lora is not None:

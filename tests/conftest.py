@@ -26,3 +26,16 @@ def model(tokenizer):
 @pytest.fixture
 def tiny_model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def pytest_report_header(config):
+    """The versions this run resolved: a failure after a dependency release names what changed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "transformers", "peft", "datasets", "trl"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "posttrain dependencies: " + ", ".join(found)

@@ -18,6 +18,7 @@ from posttrain.logprobs import naive_token_logps
 from posttrain.losses.kto import kl_estimate, kto_loss
 from posttrain.models import apply_lora
 from posttrain.testing import tiny_model
+from posttrain.testing import assert_close_to_scale
 
 PAIRS = [
     {"prompt": "What is 12 + 7?", "chosen": " 19", "rejected": " 21"},
@@ -154,7 +155,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(tokenizer):
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
     assert grads[0].abs().max() > 0
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert_close_to_scale(grads[0], grads[1], rtol=1e-5)
 
 
 def test_lora_reference_is_the_adapter_off_model(tokenizer):

@@ -6,6 +6,7 @@ import torch
 from posttrain.data.tokenize import Encoded, collate, collate_packed, pack
 from posttrain.logprobs import _HeadLogProb, naive_token_logps, sequence_logps, token_logps
 from posttrain.testing import tiny_model
+from posttrain.testing import assert_close_to_scale
 
 TEXTS = ["What is 12 + 7? The answer is 19.", "Human: How do I bake bread?", "the a an is of to and"]
 
@@ -43,7 +44,7 @@ def test_values_and_parameter_gradients_match_naive(tokenizer, temperature):
     assert (out.logps[out.mask == 0] == 0).all() and (out.logps[out.mask == 1] < 0).all()
     assert set(g_chunked) == set(g_naive) and len(g_naive) > 5
     for name in g_naive:
-        assert torch.allclose(g_chunked[name], g_naive[name], atol=1e-5, rtol=1e-4), name
+        assert_close_to_scale(g_chunked[name], g_naive[name], name=name)
 
 
 def test_sequence_logps_and_no_grad_path(tokenizer, model):
@@ -95,7 +96,7 @@ def test_head_function_with_bias_and_hidden_gradient():
     (ref * upstream).sum().backward()
     assert torch.allclose(logp, ref, atol=1e-5)
     for g, t in zip(got, (h, w, bias)):
-        assert torch.allclose(g, t.grad, atol=1e-5)
+        assert_close_to_scale(g, t.grad)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -9,6 +9,7 @@ from posttrain.config import LoraConfig
 from posttrain.logprobs import naive_token_logps, shared_prefix_token_logps, token_logps
 from posttrain.models import apply_lora
 from posttrain.testing import tiny_model
+from posttrain.testing import assert_close_to_scale
 
 PROMPTS = ["What is 12 + 7?", "2 + 2 =", "Human: How do I bake bread? Assistant:"]
 COMPLETIONS = [" The answer is 19.", " 4 and 5", " Mix flour, water", " 19", " bake it then"]
@@ -87,7 +88,7 @@ def check(model, tok, temperature, **kw):
     assert set(g_shared) == set(g_plain) and len(g_plain) >= 4
     for name in g_plain:
         assert g_plain[name].abs().max() > 0, name
-        torch.testing.assert_close(g_shared[name], g_plain[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert_close_to_scale(g_shared[name], g_plain[name], name=name)
     return shared
 
 
@@ -143,7 +144,9 @@ def test_attention_kernels_and_gradient_checkpointing(tokenizer, attn):
     model = tiny_model(tokenizer, seed=6)
     model.config._attn_implementation = attn
     check(model, tokenizer, 1.0)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from posttrain.models import enable_checkpointing
+
+    enable_checkpointing(model)
     model.train()
     check(model, tokenizer, 1.0)
 

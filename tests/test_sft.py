@@ -12,6 +12,7 @@ from posttrain.algorithms.sft import SFT, Config, run
 from posttrain.data.tokenize import encode_sft_row
 from posttrain.engine import Engine
 from posttrain.testing import tiny_model
+from posttrain.testing import assert_close_to_scale
 
 ROWS = [
     {"prompt": "What is 12 + 7?", "completion": " The answer is 19."},
@@ -96,7 +97,7 @@ def test_packing_gives_the_same_loss_and_gradients(tmp_path, tokenizer):
     assert tokens_p == tokens == sum(len(e) for e in exs)
     assert loss_p == pytest.approx(loss, abs=1e-5)
     for name in grads:
-        assert torch.allclose(grads_p[name], grads[name], atol=1e-6), name
+        assert_close_to_scale(grads_p[name], grads[name], name=name)
 
 
 def test_packing_run_matches_unpacked_run(tmp_path, tokenizer):

@@ -97,8 +97,11 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
         # only the last prompt position's logits are needed; skip the full [B, L, V] tensor when we can
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.24 names the KV cache `cache` (input and output) and warns on `past_key_values`
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def generate(
         self,
@@ -160,13 +163,13 @@ class HFEngine:
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
         logits = out.logits[:, -1].float()
-        cache = out.past_key_values
+        cache = out[self._cache_kw]
         if hasattr(cache, "batch_repeat_interleave"):  # prefill once, then copy each prompt's cache G times
             cache.batch_repeat_interleave(G)
         else:  # a cache without the method (custom models): prefill the repeated batch instead
             out = self.model(input_ids=input_ids.repeat_interleave(G, 0), attention_mask=attn.repeat_interleave(G, 0),
                              position_ids=position_ids.repeat_interleave(G, 0), use_cache=True, **extra)
-            cache = out.past_key_values
+            cache = out[self._cache_kw]
         logits = logits.repeat_interleave(G, 0)
         attn = attn.repeat_interleave(G, 0)
         next_pos = position_ids[:, -1:].repeat_interleave(G, 0) + 1
@@ -201,8 +204,8 @@ class HFEngine:
                 break
             attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
             out = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
+                             use_cache=True, **{self._cache_kw: cache})
+            cache, logits, next_pos = out[self._cache_kw], out.logits[:, -1].float(), next_pos + 1
         ids = torch.stack(tokens, 1)
         mask = (torch.arange(ids.size(1), device=device)[None] < lengths[:, None]).long()
         return ids, mask, torch.stack(token_logps, 1), ~finished

@@ -171,12 +171,13 @@ def test_rejects_bad_arguments(model, tokenizer):
 
 
 def test_works_with_a_peft_model(model, tokenizer):
-    from peft import LoraConfig, get_peft_model
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora
 
     prompts = _prompt_ids(tokenizer)
     base = HFEngine(model, tokenizer).generate(prompts, 2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3])
     # a fresh LoRA adapter starts with B = 0, so the wrapped model samples exactly what the base model samples
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model = apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     engine = HFEngine(peft_model, tokenizer)
     assert engine._logits_to_keep
     wrapped = engine.generate(prompts, 2, max_new_tokens=6, temperature=1.0, seeds=[1, 2, 3])
