@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 from posttrain.config import UserError, describe, load_config
 
@@ -24,6 +25,71 @@ COMMANDS = {
 }
 
 
+# Commands that read configs, data or runs instead of training: `posttrain audit DATA --json model=...`.
+# Each module defines `TOOL` (a ToolSpec) and `main(args: ToolArgs) -> int`. Settings are key=value exactly as
+# the training commands take them (resolved by the tool against the Config it needs); positionals and flags
+# go where a person expects them.
+TOOLS: dict[str, tuple[str, str]] = {}
+
+
+@dataclass
+class ToolSpec:
+    usage: str  # e.g. "posttrain audit DATA [key=value ...] [--json] [--strict]"
+    positionals: tuple[int, int | None] = (0, 0)  # how many: at least, at most (None: no limit)
+    flags: dict = field(default_factory=dict)  # "--json": bool (a switch), "--out": str, "--budget": float
+    help: str = ""  # what the command does, its flags and settings (printed by --help)
+
+
+@dataclass
+class ToolArgs:
+    positionals: list[str]
+    flags: dict  # every declared flag: its value, or False / None when not given
+    settings: list[str]  # key=value overrides, in order
+    config_file: str | None = None
+
+
+def parse_tool_args(command: str, spec: ToolSpec, argv: list[str]) -> ToolArgs:
+    """Split argv into positionals, declared flags (`--x`, `--x VALUE`, `--x=VALUE`) and key=value settings."""
+    flags = {name: (False if kind is bool else None) for name, kind in spec.flags.items()}
+    positionals, settings, config_file = [], [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if arg in ("-c", "--config") or name == "--config":
+            if not eq and i + 1 >= len(argv):
+                raise UserError("--config needs a file path")
+            config_file = inline if eq else argv[i + 1]
+            i += 0 if eq else 1
+        elif arg.startswith("-"):
+            kind = spec.flags.get(name)
+            if kind is None:
+                known = ", ".join(spec.flags) or "none"
+                raise UserError(f"posttrain {command}: unknown option '{name}' (options: {known}; settings are key=value)")
+            if kind is bool:
+                if eq:
+                    raise UserError(f"posttrain {command}: {name} takes no value")
+                flags[name] = True
+            else:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise UserError(f"posttrain {command}: {name} needs a value")
+                    inline, i = argv[i + 1], i + 1
+                try:
+                    flags[name] = kind(inline)
+                except ValueError:
+                    raise UserError(f"posttrain {command}: {name}: expected {kind.__name__}, got {inline!r}") from None
+        elif eq and name and not name.startswith(("/", ".")) and "/" not in name:
+            settings.append(arg)  # key=value (a path such as ./a=b.jsonl stays a positional)
+        else:
+            positionals.append(arg)
+        i += 1
+    low, high = spec.positionals
+    if len(positionals) < low or (high is not None and len(positionals) > high):
+        raise UserError(f"usage: {spec.usage}")
+    return ToolArgs(positionals, flags, settings, config_file)
+
+
 def _quiet_libraries() -> None:
     """Our own progress bar and summary are enough; silence per-file progress bars of the HF libraries."""
     import os
@@ -35,7 +101,7 @@ def _quiet_libraries() -> None:
 
 def usage() -> str:
     lines = ["usage: posttrain <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<6} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<14} {desc}" for name, (_, desc) in {**COMMANDS, **TOOLS}.items()]
     lines += ["", "`posttrain <command> --help` lists every key with its type, default and meaning."]
     return "\n".join(lines)
 
@@ -90,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # a user's own setting wins
         _steady_malloc()
     try:
+        if argv and argv[0] in TOOLS:
+            return _run_tool(argv[0], argv[1:])
         command, config_file, overrides, want_help = parse_args(argv)
         if not command:
             print(usage())
@@ -97,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if command not in COMMANDS:
             import difflib
 
-            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            close = difflib.get_close_matches(command, {**COMMANDS, **TOOLS}, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown command '{command}'{hint}; commands: {', '.join(COMMANDS)}")
+            raise UserError(f"unknown command '{command}'{hint}; commands: {', '.join({**COMMANDS, **TOOLS})}")
         module_name, description = COMMANDS[command]
         module = importlib.import_module(module_name)
         if want_help:
@@ -120,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         # One line, always: messages quoting library errors can carry newlines.
         print("posttrain: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
+
+
+def _run_tool(command: str, argv: list[str]) -> int:
+    module = importlib.import_module(TOOLS[command][0])
+    spec: ToolSpec = module.TOOL
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {spec.usage}\n\n{TOOLS[command][1]}\n\n{spec.help.strip()}".rstrip())
+        return 0
+    return int(module.main(parse_tool_args(command, spec, argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,32 @@ def test_cli_data_errors_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == f"posttrain: error: {data}:2: field 'completion': empty text\n"
     assert proc.stdout == ""
+
+
+def test_tool_commands_parse_positionals_flags_and_settings(monkeypatch, capsys, tmp_path):
+    """Non-training commands (audit, memory, report, ...): positionals, declared flags in either form,
+    key=value settings in order; unknown options and wrong counts are one-line errors (exit 2)."""
+    import sys
+    import types
+
+    spec = cli.ToolSpec(usage="posttrain demo DATA [key=value ...] [--json] [--budget GB]", positionals=(1, 1),
+                        flags={"--json": bool, "--budget": float, "--out": str}, help="Demo tool.")
+    args = cli.parse_tool_args("demo", spec, ["d.jsonl", "model=m", "--budget", "24", "--json", "lora.r=16",
+                                              "--out=r.html", "--config", "c.yaml"])
+    assert args.positionals == ["d.jsonl"] and args.settings == ["model=m", "lora.r=16"]
+    assert args.flags == {"--json": True, "--budget": 24.0, "--out": "r.html"} and args.config_file == "c.yaml"
+    assert cli.parse_tool_args("demo", spec, ["./x=y.jsonl"]).positionals == ["./x=y.jsonl"]
+    assert cli.parse_tool_args("demo", spec, ["x"]).flags == {"--json": False, "--budget": None, "--out": None}
+
+    seen = {}
+    module = types.SimpleNamespace(TOOL=spec, main=lambda a: seen.setdefault("args", a) and 0)
+    monkeypatch.setitem(sys.modules, "posttrain._demo_tool", module)
+    monkeypatch.setitem(cli.TOOLS, "demo", ("posttrain._demo_tool", "a demo"))
+    assert cli.main(["demo", "data.jsonl", "--json"]) == 0 and seen["args"].flags["--json"] is True
+    assert cli.main(["demo", "--help"]) == 0 and "Demo tool." in capsys.readouterr().out
+    for argv, msg in ((["demo", "a", "--nope"], "unknown option '--nope'"), (["demo"], "usage: posttrain demo"),
+                      (["demo", "a", "b"], "usage: posttrain demo"), (["demo", "a", "--budget", "x"], "expected float"),
+                      (["demo", "a", "--json=1"], "takes no value")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (argv, err)
