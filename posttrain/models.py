@@ -164,7 +164,11 @@ def _load_adapter(name: str, path: str, trust_remote_code: bool, dtype, head: st
     if not base_name:
         raise UserError(f"{name}: adapter_config.json does not name its base model")
     base = load_model(base_name, trust_remote_code, dtype, head)
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+    import warnings
+
+    with warnings.catch_warnings():  # as in apply_lora: peft reads a deprecated transformers flag
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

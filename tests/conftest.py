@@ -28,8 +28,15 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def pytest_report_header(config):
-    """The versions this run resolved: a failure after a dependency release names what changed."""
+def pytest_sessionstart(session):
+    """Print the versions this run resolved (also under -q, which hides the report header): a failure after a
+    dependency release then names what changed."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_versions())
+
+
+def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
