@@ -29,7 +29,9 @@ COMMANDS = {
 # Each module defines `TOOL` (a ToolSpec) and `main(args: ToolArgs) -> int`. Settings are key=value exactly as
 # the training commands take them (resolved by the tool against the Config it needs); positionals and flags
 # go where a person expects them.
-TOOLS: dict[str, tuple[str, str]] = {}
+TOOLS: dict[str, tuple[str, str]] = {
+    "report": ("posttrain.report", "an HTML report of one run or several overlaid: curves, diagnostics, sampled completions"),
+}
 
 
 @dataclass

@@ -7,6 +7,7 @@ sizes are *global* (summed over devices and gradient-accumulation steps) unless 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -25,6 +26,8 @@ class UserError(Exception):
 def opt(default: Any, help: str, choices: tuple | None = None):
     """A config field: default + help text (+ the allowed values for a string choice)."""
     meta = {"help": help, "choices": choices}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -39,6 +42,30 @@ class LoraConfig:
     dropout: float = opt(0.0, "Dropout on the adapter input.")
     target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters.")
     merge: bool = opt(False, "Merge the adapter into the base weights when saving the final model.")
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Thresholds of the live diagnostics (`posttrain.diagnostics`): rules over the recent metrics that recognise
+    the classic ways post-training goes wrong, each printed once with what it means and what to try. Every
+    count here is in optimizer steps."""
+
+    window: int = opt(10, "Steps a trend rule looks at: it compares the mean of their later half with the earlier half.")
+    sparse_reward_frac: float = opt(0.9, "grpo_sparse_reward: frac_reward_zero_std above this ...")
+    sparse_reward_steps: int = opt(5, "... for this many consecutive steps.")
+    collapse_loss: float = opt(0.05, "dpo_loss_collapse: DPO-family loss below this (or reward accuracy >= collapse_accuracy) ...")
+    collapse_accuracy: float = opt(0.99, "... reward accuracy at or above this ...")
+    collapse_within: int = opt(20, "... for 3 consecutive steps within the first N steps, while held-out reward accuracy does not improve.")
+    drift_drop: float = opt(5.0, "dpo_beta_drift: chosen AND rejected log-probs (nats per sequence) below their start by this and still falling ...")
+    drift_margin: float = opt(40.0, "... or the margin of log-ratios (rewards/margins / beta, nats) above this and still growing.")
+    kl_max: float = opt(1.0, "kl_blowup: KL to the reference (per token, online RL) above this ...")
+    kl_growth: float = opt(5.0, "... or multiplied by this within `window` steps while above kl_max / 10.")
+    implicit_kl_max: float = opt(30.0, "kl_blowup, offline losses: mean |log pi/ref| per sequence (DPO: |rewards| / beta; KTO: kl) above this.")
+    length_frac: float = opt(0.9, "length_exploit: mean completion length above this fraction of max_completion_length, rising with the reward ...")
+    clipped_max: float = opt(0.5, "... or more than this fraction of completions cut at max_completion_length.")
+    entropy_frac: float = opt(0.1, "entropy_collapse: mean entropy fallen below this fraction of its starting value.")
+    hacking_saturation: float = opt(0.95, "reward_hacking_format: a secondary reward at this fraction of its best or more ...")
+    hacking_drop: float = opt(0.1, "... while the main (highest-weight) reward fell this far below its best window mean.")
 
 
 @dataclass
@@ -100,6 +127,11 @@ class TrainConfig:
     save_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest are deleted).")
     resume_from_checkpoint: str | None = opt(None, "'latest' (the newest in output_dir) or a checkpoint folder.")
     progress: bool = opt(True, "Show a progress bar on the console.")
+    report_to: list = opt([], "Trackers that get every metrics.jsonl row under the same names: tensorboard (in "
+                          "output_dir/tensorboard), trackio, wandb; 'all' (those installed) or 'none' as in TRL.")
+    run_name: str | None = opt(None, "Name of the run in trackers and in report overlays (default: output_dir's folder name).")
+    diagnostics: DiagnosticsConfig | None = opt(
+        DiagnosticsConfig(), "Live failure diagnostics (thresholds below); false turns them off.")
     distributed: str = opt(
         "ddp",
         "Under torchrun with several processes: ddp replicates weights and optimizer state on every device; "
@@ -133,6 +165,12 @@ class TrainConfig:
                 raise UserError(msg)
         if self.lora is not None and self.lora.r < 1:
             raise UserError("lora.r must be >= 1")
+        from posttrain.runlog import resolve_report_to
+
+        resolve_report_to(self.report_to, installed_only=False)  # names are checked before any model loads
+        d = self.diagnostics
+        if d is not None and (d.window < 2 or d.sparse_reward_steps < 1 or d.collapse_within < 1):
+            raise UserError("diagnostics: window must be >= 2, sparse_reward_steps and collapse_within >= 1")
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or f"runs/{self.command}"
@@ -171,6 +209,8 @@ def _coerce(value: Any, tp, where: str, name: str = "", lines: dict | None = Non
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        if value is False and type(None) in args and any(dataclasses.is_dataclass(a) for a in args):
+            return None  # `diagnostics: false`: an optional block turned off
         errors = []
         for a in args:
             if a is type(None):
@@ -329,9 +369,10 @@ def describe(cls) -> str:
     rows = []
     for f in config_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "on" if dataclasses.is_dataclass(default) else repr(default)  # a block: its keys follow
         choices = f.metadata.get("choices")
         extra = f" (one of: {', '.join(choices)})" if choices else ""
-        rows.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}){extra}\n      {f.metadata.get('help', '')}")
+        rows.append(f"  {f.name} ({_type_name(hints[f.name])}, default {shown}){extra}\n      {f.metadata.get('help', '')}")
         sub = hints[f.name]
         for a in typing.get_args(sub) or (sub,):
             if dataclasses.is_dataclass(a):

@@ -5,7 +5,8 @@ how many normalisation units a micro-batch holds, the loss of one micro-batch gi
 count of the step, and (optionally) how to evaluate. Because every micro-batch loss is divided by the
 global count, a step's gradient is the same however its batch is split into micro-batches or devices.
 
-Run directory: config.yaml, metrics.jsonl, checkpoint-N/ (atomic), and the final Hugging Face model.
+Run directory: config.yaml, metrics.jsonl, checkpoint-N/ (atomic), the final Hugging Face model, and what
+`RunLog` writes for people (report.html, samples.jsonl, tracker logs).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from posttrain import parallel
-from posttrain.config import UserError, config_to_dict
+from posttrain.config import UserError
 from posttrain.models import is_peft, unwrap
+from posttrain.runlog import RunLog
 
 log = logging.getLogger("posttrain")
 
@@ -99,6 +100,11 @@ class Algorithm(abc.ABC):
     def step_metrics(self) -> dict:
         """Metrics of the step that are not per micro-batch (e.g. rollout rewards, generation time)."""
         return {}
+
+    def completion_samples(self) -> list[dict]:
+        """Online methods: a few of the completions `prepare` just sampled (prompt, completion, rewards), kept
+        in samples.jsonl for the report."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -387,16 +393,8 @@ class Engine:
             start = self.load_checkpoint(resume)
             if is_main():
                 log.info(f"resumed from {resume} at step {start}")
-        if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            metrics_file = self.out / "metrics.jsonl"
-            if start == 0 and metrics_file.exists():
-                metrics_file.unlink()
-            elif metrics_file.exists():
-                # Resuming from an earlier checkpoint: rows logged after it belong to the abandoned run.
-                rows = [r for r in metrics_file.read_text().splitlines() if json.loads(r).get("step", 0) <= start]
-                metrics_file.write_text("".join(r + "\n" for r in rows))
+        self.runlog = RunLog(cfg, self.out, tokenizer=self.tokenizer, has_eval=bool(self.eval_examples), enabled=is_main())
+        self.runlog.start(start)
         self.model.train()
         t0 = time.time()
         last: dict = {}
@@ -411,6 +409,7 @@ class Engine:
                     examples = self._step_examples(step // spb)
                     with parallel.gathered(self.model):  # generation / no-grad passes differ between ranks
                         micro_batches = self.algo.prepare(self.model, examples)
+                    self.runlog.samples(step + 1, self.algo.completion_samples())
                 self._batch = micro_batches
                 for _ in range(spb - step % spb):
                     if step >= self.total_steps:
@@ -428,34 +427,27 @@ class Engine:
                     row.update(metrics)
                     if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                         row.update(self.evaluate())
-                    last = row
-                    if step % cfg.logging_steps == 0 or step == self.total_steps:
-                        self._log(row)
+                    last = self.runlog.step(row, write=step % cfg.logging_steps == 0 or step == self.total_steps)
                     progress.update(step, row)
                     if cfg.save_steps and step % cfg.save_steps == 0:
                         self.save_checkpoint(step)
+                        self.runlog.write_report()
                     if parallel.any_rank(stop.signum is not None):  # all ranks stop at the same step
                         path = self.save_checkpoint(step)
                         progress.close()
                         if is_main():
                             print(f"interrupted at step {step}; checkpoint saved to {path}", file=sys.stderr)
+                        self.runlog.finish()
                         raise SystemExit(128 + (stop.signum or signal.SIGTERM))  # a rank that got no signal itself
         final_eval = self.evaluate()
         if final_eval:
-            last = {"step": step, **final_eval}
-            self._log(last)
+            last = self.runlog.step({"step": step, **final_eval})
         self.save_final()
         seconds = time.time() - t0
         if is_main():
             self._summary(step - start, seconds, last)
+        self.runlog.finish()  # closes the trackers, writes report.html and prints its path as the last line
         return TrainResult(str(self.out), step, seconds, last)
-
-    def _log(self, row: dict) -> None:
-        if not is_main():
-            return
-        with (self.out / "metrics.jsonl").open("a") as f:
-            # 8 significant digits, not 8 decimals: learning rates like 2e-5 x a schedule factor keep precision.
-            f.write(json.dumps({k: (float(f"{v:.8g}") if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
 
     def _summary(self, steps: int, seconds: float, last: dict) -> None:
         keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "eval/accuracy") if k in last]

@@ -78,6 +78,8 @@ class Config(TrainConfig):
     max_sampling_rounds: int = opt(3, "Dynamic sampling: generation rounds per step at most.")
     mask_truncated_completions: bool = opt(False, "Exclude completions that hit max_completion_length from the loss.")
     log_completions: bool = opt(False, "Append every sampled completion with its rewards to completions.jsonl.")
+    num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
+                                        "for the run report, whatever log_completions says; 0: none.")
     learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
     batch_size: int = opt(8, "GLOBAL prompts per optimizer step (x num_generations completions).")
     micro_batch_size: int = opt(8, "Completions per forward/backward on one device.")
@@ -102,6 +104,8 @@ class Config(TrainConfig):
             raise UserError("top_p must be in (0, 1]")
         if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise UserError("beta, epsilon and epsilon_high must be >= 0")
+        if self.num_completions_to_print < 0:
+            raise UserError("num_completions_to_print must be >= 0")
         if self.num_iterations < 1 or self.max_sampling_rounds < 1:
             raise UserError("num_iterations and max_sampling_rounds must be >= 1")
         if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -174,6 +178,7 @@ class GRPO(Algorithm):
         self.steps_per_batch = cfg.num_iterations
         self.weights = cfg.reward_weights
         self._step_metrics: dict = {}
+        self._samples: list[dict] = []
         self._round = 0
 
     # --- rollout ---------------------------------------------------------------------------------------
@@ -274,10 +279,13 @@ class GRPO(Algorithm):
         }
         for j, (name, _) in enumerate(self.funcs):
             col = all_rewards[:, j]
-            m[f"rewards/{name}/mean"] = float(col.nanmean()) if (~col.isnan()).any() else float("nan")
+            col = col[~col.isnan()]
+            m[f"rewards/{name}/mean"] = float(col.mean()) if len(col) else float("nan")
+            m[f"rewards/{name}/std"] = float(col.std()) if len(col) > 1 else float("nan")  # unbiased, as TRL
         self._step_metrics = m
         if cfg.log_completions and is_main():
             self._log_completions(kept, rollout.texts, rewards, advantages)
+        self._samples = self._pick_samples(kept, rollout.texts, rewards, advantages) if is_main() else []
 
         micro = split_micro_batches([e.prompt_ids for e in kept], G, rollout.completion_ids, mask, advantages, old,
                                     cfg.micro_batch_size)
@@ -300,6 +308,22 @@ class GRPO(Algorithm):
 
     def _temp(self) -> float:
         return self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+
+    def _pick_samples(self, kept, texts, rewards, advantages) -> list[dict]:
+        """`num_completions_to_print` of this rank's completions, spread evenly over its prompts."""
+        n, G = min(self.cfg.num_completions_to_print, len(texts)), self.cfg.num_generations
+        names = [name for name, _ in self.funcs]
+        out = []
+        for i in sorted({k * len(texts) // n for k in range(n)}) if n else []:
+            prompt = kept[i // G].prompt
+            values = [None if v != v else round(v, 6) for v in rewards[i].tolist()]
+            out.append({"prompt": prompt if isinstance(prompt, str) else prompt[-1].get("content", ""),
+                        "completion": texts[i], "rewards": dict(zip(names, values)),
+                        "advantage": round(float(advantages[i]), 6)})
+        return out
+
+    def completion_samples(self) -> list[dict]:
+        return self._samples
 
     def _log_completions(self, kept, texts, rewards, advantages) -> None:
         G = self.cfg.num_generations
