@@ -74,6 +74,7 @@ DASHES = ["", "7 3", "2 3", "10 3 2 3"]
 MARKER = "#d62728"
 W, H = 380, 220  # one plot's SVG
 PAD_L, PAD_R, PAD_T, PAD_B = 56, 12, 10, 26
+INSET = 6  # the first and last step sit this far inside the frame, so their markers are whole
 MAX_POINTS = 1500  # per series; longer runs are thinned evenly (the last point is always kept)
 
 
@@ -263,7 +264,7 @@ def render_svg(panel: Panel, x_max: float, markers: list[tuple[int, str]]) -> st
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
 
     def px(x):
-        return PAD_L + (x - x_lo) / (x_hi - x_lo) * pw
+        return PAD_L + INSET + (x - x_lo) / (x_hi - x_lo) * (pw - 2 * INSET)
 
     def py(y):
         return PAD_T + (y_hi - y) / (y_hi - y_lo) * ph
