@@ -185,6 +185,9 @@ def _reward_hacking_format(v, t, ctx, state):
     weights = list(getattr(ctx.cfg, "reward_weights", None) or [1.0] * len(names))
     main = names[max(range(len(names)), key=lambda i: (weights[i] if i < len(weights) else 1.0, -i))]
     half = t.window // 2
+    top = state.setdefault("top", {})  # each reward's best step so far (the history keeps only its ends)
+    for name, values in rewards.items():
+        top[name] = max(top.get(name, -math.inf), values[-1])
     m = _halves(rewards[main], t.window)
     if m is None:
         return None
@@ -195,9 +198,9 @@ def _reward_hacking_format(v, t, ctx, state):
         values = rewards[name]
         if name == main or len(values) < t.window:
             continue
-        now, top = _mean(values[-half:]), max(values)
-        if top > 0 and now >= t.hacking_saturation * top and now > _mean(values[:half]):
-            return (f"{name} rose to {now:.2f} (its best {top:.2f}) while {main} fell from {state['best']:.2f} to "
+        now, best = _mean(values[-half:]), top[name]
+        if best > 0 and now >= t.hacking_saturation * best and now > _mean(values[:half]):
+            return (f"{name} rose to {now:.2f} (its best {best:.2f}) while {main} fell from {state['best']:.2f} to "
                     f"{m[1]:.2f}")
     return None
 
@@ -298,15 +301,24 @@ class Diagnostics:
         self._state: dict[str, dict] = {r.name: {} for r in self.rules}
         self._derived = [(f"~{r.name}.{role}", spec) for r in self.rules
                          for role, spec in r.reads[ctx.command].items() if callable(spec)]
+        # The checks look at a metric's first `window` values (its start) and its recent ones only: a long run
+        # keeps those ends, not every step.
+        self._head = self.t.window
+        self._tail = max(self.t.window, self.t.sparse_reward_steps, 3)
 
     def observe(self, row: dict) -> list[Finding]:
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k not in ("step", "epoch"):
-                self._history[k].append(float(v))
+        values = {k: v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
         for key, fn in self._derived:
             value = fn(row, self.ctx.cfg)
-            if value is not None and math.isfinite(value):
-                self._history[key].append(float(value))
+            if value is not None:
+                values[key] = value
+        for k, v in values.items():
+            if math.isfinite(v):
+                kept = self._history[k]
+                kept.append(float(v))
+                if len(kept) > self._head + self._tail + 256:  # trimmed now and then, not every step
+                    del kept[self._head : len(kept) - self._tail]
         step = int(row.get("step", 0))
         out = []
         for rule in self.rules:

@@ -250,3 +250,12 @@ def test_diagnostics_false_turns_them_off(tmp_path, caplog):
         load_config(grpo.Config, None, ["diagnostics.window=1"])
     text = describe(grpo.Config)
     assert "diagnostics (DiagnosticsConfig | None, default on)" in text and "diagnostics.kl_max (float, default 1.0)" in text
+
+
+def test_a_long_run_keeps_only_the_ends_of_each_metric():
+    """100k steps: the history stays small, and a collapse late in the run is still judged against the start."""
+    d = Diagnostics(Context("grpo", grpo_cfg()))
+    for s in range(1, 100_001):
+        d.observe({"step": s, "entropy": 0.6 if s < 99_990 else 0.01, "frac_reward_zero_std": 0.3})
+    assert max(len(v) for v in d._history.values()) <= 10 + 10 + 256
+    assert d.fired == {"entropy_collapse": 99_994}  # 5 of the last 10 at 0.01: mean 0.01 < 0.06
