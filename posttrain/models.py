@@ -124,8 +124,10 @@ def load_tokenizer(name: str, tokenizer: str | None = None, trust_remote_code: b
     path = resolve_model_path(tokenizer or name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: e.g. a folder without any tokenizer files
-        raise UserError(f"{tokenizer or name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, ImportError) as e:  # a folder without tokenizer files (ImportError: older
+        # transformers try converting a slow tokenizer and ask for protobuf / sentencepiece)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__).strip()
+        raise UserError(f"{tokenizer or name}: cannot load tokenizer ({first})") from None
     if chat_template:
         tok.chat_template = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
     if tok.pad_token_id is None:
