@@ -29,8 +29,10 @@ do their gradients, however the batch is split:
 
 With the defaults, the ``grpo``/``bnpo``/``dr_grpo`` loss of a micro-batch is TRL's before TRL divides it
 by the number of accumulation steps; for equal micro-batches the global ``num_items`` performs exactly that
-division. Under DDP, which averages gradients over the ``W`` ranks, pass ``num_items / W`` to keep the same
-gradient (TRL's ``dapo`` divides by ``num_items_in_batch / num_processes`` for this reason).
+division. Several processes: pass the ``num_items`` of the whole step over every process, and SUM the
+processes' gradients (posttrain's engine does both, see ``posttrain.parallel``). A data-parallel wrapper that
+averages gradients over ``W`` processes would need ``num_items / W`` instead (which is why TRL's ``dapo``
+divides by ``num_items_in_batch / num_processes``).
 """
 
 from __future__ import annotations

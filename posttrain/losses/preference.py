@@ -153,16 +153,28 @@ class PreferenceInputs:
 LossFn = Callable[[PreferenceInputs], LossTerm]
 PREFERENCE_LOSSES: dict[str, LossFn] = {}
 REFERENCE_FREE_LOSSES: set[str] = set()
-# Losses that cannot run without completion lengths (cpo needs them only when cpo_alpha != 0).
-_LENGTH_LOSSES = {"ipo", "sigmoid_norm", "simpo", "orpo", "sft"}
 
 
-def register_preference_loss(name: str, uses: tuple[str, ...] = (), reference_free: bool = False):
-    """Register `fn(PreferenceInputs) -> LossTerm` under `name`. `uses` lists the options it reads
-    ("label_smoothing", "f_divergence", or keys of LOSS_OPTION_DEFAULTS); others are rejected."""
+def register_preference_loss(name: str, uses: tuple[str, ...] = (), reference_free: bool = False,
+                             lengths: tuple[str, ...] = ()):
+    """Register `fn(PreferenceInputs) -> LossTerm` under `name` (a name registered twice is an error).
+
+    uses             the options it reads ("label_smoothing", "f_divergence", or keys of
+                     LOSS_OPTION_DEFAULTS); setting any other is rejected
+    reference_free   it needs no reference log-probs
+    lengths          the completion lengths it cannot run without: ("chosen", "rejected"), ("chosen",) or ()
+                     (a loss whose need depends on an option, as cpo's NLL term, checks for itself)
+    Declared on the function as `fn.uses`, `fn.lengths`, `fn.reference_free`."""
 
     def wrap(fn: LossFn) -> LossFn:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss {name!r} is already registered")
+        unknown = set(lengths) - {"chosen", "rejected"}
+        if unknown:
+            raise ValueError(f"lengths: {sorted(unknown)} are not completion sides (chosen, rejected)")
         fn.uses = frozenset(uses)  # type: ignore[attr-defined]
+        fn.lengths = tuple(lengths)  # type: ignore[attr-defined]
+        fn.reference_free = reference_free  # type: ignore[attr-defined]
         PREFERENCE_LOSSES[name] = fn
         if reference_free:
             REFERENCE_FREE_LOSSES.add(name)
@@ -203,7 +215,7 @@ def _hinge(x: PreferenceInputs) -> LossTerm:
     return _term(torch.relu(x.options["slic_delta"] - x.beta * (c - r)), x.reference_rewards())
 
 
-@register_preference_loss("ipo", uses=("f_divergence",))
+@register_preference_loss("ipo", uses=("f_divergence",), lengths=("chosen", "rejected"))
 def _ipo(x: PreferenceInputs) -> LossTerm:
     """IPO: Azar, Rowland, Piot, Guo, Calandriello, Valko, Munos, 2023, "A General Theoretical Paradigm
     to Understand Learning from Human Preferences", arXiv:2310.12036, Eq. 17 with tau = beta:
@@ -337,7 +349,7 @@ def _discopop(x: PreferenceInputs) -> LossTerm:
     return _term(-F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m, x.reference_rewards())
 
 
-@register_preference_loss("sigmoid_norm", uses=("f_divergence",))
+@register_preference_loss("sigmoid_norm", uses=("f_divergence",), lengths=("chosen", "rejected"))
 def _sigmoid_norm(x: PreferenceInputs) -> LossTerm:
     """Length-normalised DPO: the DPO loss on per-token averaged log-ratios, -log sigma(beta h_avg),
     h_avg = c_s/|y_w| - r_s/|y_l| (Lambert et al., 2024, "Tulu 3: Pushing Frontiers in Open Language
@@ -348,7 +360,7 @@ def _sigmoid_norm(x: PreferenceInputs) -> LossTerm:
     return _term(-F.logsigmoid(x.beta * (c / lc - r / lr)), x.reference_rewards())
 
 
-@register_preference_loss("sft", reference_free=True)
+@register_preference_loss("sft", reference_free=True, lengths=("chosen",))
 def _sft(x: PreferenceInputs) -> LossTerm:
     """Negative log-likelihood of the chosen completion, -logp(y_w) / |y_w| per example: the SFT term
     of MPO (Wang et al., 2024, "Enhancing the Reasoning Ability of Multimodal Large Language Models via
@@ -364,7 +376,8 @@ def _sft(x: PreferenceInputs) -> LossTerm:
 # ---------------------------------------------------------------- reference-free losses
 
 
-@register_preference_loss("simpo", uses=("label_smoothing", "simpo_gamma", "cpo_alpha"), reference_free=True)
+@register_preference_loss("simpo", uses=("label_smoothing", "simpo_gamma", "cpo_alpha"), reference_free=True,
+                          lengths=("chosen", "rejected"))
 def _simpo(x: PreferenceInputs) -> LossTerm:
     """SimPO: Meng, Xia, Chen, 2024, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward", arXiv:2405.14734, Eq. 6: -log sigma(beta (avg_w - avg_l) - gamma), avg = logp / |y|,
@@ -399,7 +412,7 @@ def _cpo(x: PreferenceInputs) -> LossTerm:
     return _term(losses, rewards, **metrics)
 
 
-@register_preference_loss("orpo", reference_free=True)
+@register_preference_loss("orpo", reference_free=True, lengths=("chosen", "rejected"))
 def _orpo(x: PreferenceInputs) -> LossTerm:
     """ORPO: Hong, Lee, Thorne, 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model", arXiv:2403.07691, Eq. 6-7: NLL(y_w) - lambda log sigma(log odds_w - log odds_l), with
@@ -510,7 +523,7 @@ def _check_options(names, terms, label_smoothing, f_divergence, f_alpha, loss_sp
         raise ValueError(f"unknown f_divergence {f_divergence!r}; valid: {list(F_DIVERGENCES)}")
     if f_alpha != 0.5 and f_divergence != "alpha_divergence":
         raise ValueError(f"f_alpha={f_alpha} is only read with f_divergence='alpha_divergence'")
-    readers = set().union(*(getattr(PREFERENCE_LOSSES[n], "uses", frozenset()) for n, _ in terms))
+    readers = set().union(*(PREFERENCE_LOSSES[n].uses for n, _ in terms))
     set_options = list(loss_specific_options)
     if label_smoothing != 0.0:
         set_options.append("label_smoothing")
@@ -518,7 +531,7 @@ def _check_options(names, terms, label_smoothing, f_divergence, f_alpha, loss_sp
         set_options.append("f_divergence")
     for opt in set_options:
         if opt not in readers:
-            users = sorted(n for n, fn in PREFERENCE_LOSSES.items() if opt in getattr(fn, "uses", ()))
+            users = sorted(n for n, fn in PREFERENCE_LOSSES.items() if opt in fn.uses)
             raise ValueError(f"option {opt!r} is not used by loss {names}; losses that use it: {users}")
 
 
@@ -529,15 +542,13 @@ def _check_inputs(terms: list[tuple[str, float]], x: PreferenceInputs) -> None:
             f"chosen_logps and rejected_logps must both be [B], got {tuple(x.chosen_logps.shape)} "
             f"and {tuple(x.rejected_logps.shape)}"
         )
-    needs_ref = [n for n, _ in terms if n not in REFERENCE_FREE_LOSSES]
+    needs_ref = [n for n, _ in terms if not PREFERENCE_LOSSES[n].reference_free]
     if needs_ref and (x.ref_chosen_logps is None or x.ref_rejected_logps is None):
         raise ValueError(f"loss {needs_ref} needs ref_chosen_logps and ref_rejected_logps")
-    needs_len = [n for n, _ in terms if n in _LENGTH_LOSSES]
-    if needs_len and x.chosen_lengths is None:
-        raise ValueError(f"loss {needs_len} needs chosen_lengths (completion token counts)")
-    needs_both = [n for n in needs_len if n != "sft"]  # sft reads the chosen length only
-    if needs_both and x.rejected_lengths is None:
-        raise ValueError(f"loss {needs_both} needs rejected_lengths (completion token counts)")
+    for side, given in (("chosen", x.chosen_lengths), ("rejected", x.rejected_lengths)):
+        needs = [n for n, _ in terms if side in PREFERENCE_LOSSES[n].lengths]
+        if needs and given is None:
+            raise ValueError(f"loss {needs} needs {side}_lengths (completion token counts)")
 
 
 # ---------------------------------------------------------------- functional wrappers

@@ -18,11 +18,13 @@ import torch
 from posttrain.losses.preference import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
+    LossTerm,
     PreferenceLossOutput,
     cpo_loss,
     ld_logps,
     orpo_loss,
     preference_loss,
+    register_preference_loss,
     simpo_loss,
     wpo_weights,
 )
@@ -433,3 +435,31 @@ def test_option_used_by_one_term_of_a_list_is_accepted():
     # label smoothing is read by sigmoid (cDPO) even though bco_pair and sft ignore it
     out = run(["sigmoid", "bco_pair", "sft"], label_smoothing=0.1)
     assert out.metrics["sigmoid_loss"].item() == pytest.approx(0.6506589, abs=1e-6)
+
+
+def test_registry_declares_lengths_and_refuses_a_second_registration():
+    both = ("chosen", "rejected")
+    declared = {name: fn.lengths for name, fn in PREFERENCE_LOSSES.items() if fn.lengths}
+    assert declared == {"ipo": both, "sigmoid_norm": both, "simpo": both, "orpo": both, "sft": ("chosen",)}
+    assert {name for name, fn in PREFERENCE_LOSSES.items() if fn.reference_free} == REFERENCE_FREE_LOSSES
+    for name in ("sigmoid", "sft"):
+        with pytest.raises(ValueError, match=f"preference loss '{name}' is already registered"):
+            register_preference_loss(name)(lambda x: None)
+    with pytest.raises(ValueError, match="not completion sides"):
+        register_preference_loss("mine", lengths=("prompt",))(lambda x: None)
+    # A new entry declares its needs once, and preference_loss checks them (no list kept anywhere else).
+    try:
+
+        @register_preference_loss("_probe", lengths=("rejected",), reference_free=True)
+        def _probe(x):  # -logp_w / |y_l|: reads the rejected length only
+            n = x.rejected_lengths.to(x.chosen_logps.dtype)
+            return LossTerm(-x.chosen_logps / n, x.chosen_logps.detach(), x.rejected_logps.detach(), {})
+
+        free = {"ref_chosen_logps": None, "ref_rejected_logps": None}
+        assert run("_probe", **free).losses.item() == pytest.approx(15.3 / 8)
+        assert run("_probe", **free, chosen_lengths=None).losses.item() == pytest.approx(15.3 / 8)
+        with pytest.raises(ValueError, match=r"loss \['_probe'\] needs rejected_lengths"):
+            run("_probe", **free, rejected_lengths=None)
+    finally:
+        PREFERENCE_LOSSES.pop("_probe", None)
+        REFERENCE_FREE_LOSSES.discard("_probe")
