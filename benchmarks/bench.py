@@ -118,22 +118,22 @@ def model_flop_counts(path: str) -> dict:
 
 
 def child_dpo_posttrain(spec: dict) -> dict:
-    from posttrain.algorithms import dpo
+    from posttrain import reference
     from posttrain.cli import main
 
     work = Path(spec["workdir"])
     extra: dict = {}
     # A fresh reference-log-prob cache, so the precompute pass is really computed (and timed) in this run.
-    dpo.cache_dir = lambda: work / "posttrain-cache"
-    original = dpo.precompute_reference
+    reference.cache_dir = lambda: work / "posttrain-cache"
+    original = reference.Precomputed.precompute
 
     def timed_precompute(*args, **kwargs):
         t = time.perf_counter()
-        source = original(*args, **kwargs)
+        sources = original(*args, **kwargs)
         extra.setdefault("precompute_seconds", time.perf_counter() - t)
-        return source
+        return sources
 
-    dpo.precompute_reference = timed_precompute
+    reference.Precomputed.precompute = timed_precompute
     out = work / "posttrain-run"
     argv = [
         "dpo", f"model={spec['model']}", f"dataset={spec['data']}", f"max_steps={spec['steps']}",
@@ -463,9 +463,9 @@ def usable_pairs(n: int, max_length: int) -> list[dict]:
 
     tok = load_tokenizer(MODEL)
     rows = []
-    for i, line in enumerate(DATA.read_text().splitlines()):
+    for line in DATA.read_text().splitlines():
         row = json.loads(line)
-        if encode_preference(tok, row, i, max_length, None) is not None:
+        if encode_preference(tok, row, max_length, None) is not None:
             rows.append(row)
         if len(rows) == n:
             return rows
@@ -479,7 +479,7 @@ def executed_positions(rows: list[dict], order: list[int], steps: int, max_lengt
     from posttrain.models import load_tokenizer
 
     tok = load_tokenizer(MODEL)
-    pairs = [encode_preference(tok, r, i, max_length, None) for i, r in enumerate(rows)]
+    pairs = [encode_preference(tok, r, max_length, None) for r in rows]
     out = []
     for s in range(steps):
         n = 0

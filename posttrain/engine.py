@@ -2,8 +2,10 @@
 
 An algorithm tells the engine four things (see `Algorithm`): how a list of examples becomes micro-batches,
 how many normalisation units a micro-batch holds, the loss of one micro-batch given the *global* unit
-count of the step, and (optionally) how to evaluate. Because every micro-batch loss is divided by the
-global count, a step's gradient is the same however its batch is split into micro-batches or devices.
+count of the step (with its metrics, each declaring how it reduces: `Metric`), and (optionally) how to
+evaluate. Because every micro-batch loss is divided by the global count, a step's gradient is the same
+however its batch is split into micro-batches or devices, and because the engine reduces every metric once
+over all micro-batches and processes, so are the logged metrics.
 
 Run directory: config.yaml, metrics.jsonl, checkpoint-N/ (atomic), the final Hugging Face model, and what
 `RunLog` writes for people (report.html, samples.jsonl, tracker logs).
@@ -30,54 +32,144 @@ import torch
 from posttrain import parallel
 from posttrain.config import UserError
 from posttrain.models import is_peft, unwrap
+from posttrain.parallel import is_main, rank_world
+from posttrain.reference import Reference
 from posttrain.runlog import RunLog
 
 log = logging.getLogger("posttrain")
 
 
 # ------------------------------------------------------------------------------------------------------
-# Distributed helpers: identity functions in a single process.
+# Metrics: each value says how it combines over a step's micro-batches and processes.
 
 
-def world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+class Metric(float):
+    """A metric value (a float: anything that reads it reads a number) that declares its reduction.
+
+    An algorithm's `loss` returns these for its micro-batch and `prepare` may attach some for the whole
+    step (`Prepared.metrics`); the engine reduces every name once per optimizer step, over all micro-batches
+    (`accumulate_metrics`) and all processes (`parallel.reduce_metrics`), and logs the result. The kinds:
+
+      Mean(value, weight)  weighted mean: sum of value * weight / sum of weight. `weight` counts what the
+                           value is a mean over (pairs, examples, tokens); a name whose weights add up to 0
+                           over the whole step (no such example anywhere) is not logged that step.
+      Sum(value)           added up (counts).
+      Min(value), Max(value)  the extreme over everything.
+      Global(value)        already a statistic of the whole step on every process (computed from gathered
+                           data, e.g. a batch std): the same everywhere, taken as it is.
+    """
+
+    kind = ""
+    weight = 1.0
+
+    def __new__(cls, value):
+        return super().__new__(cls, float(value))
+
+    def __reduce__(self):  # prepared batches with their metrics are checkpointed mid-batch
+        return type(self), (float(self),)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({float(self)!r})"
 
 
-def is_main() -> bool:
-    return world()[0] == 0
+class Mean(Metric):
+    kind = "mean"
+
+    def __new__(cls, value, weight):
+        self = super().__new__(cls, value)
+        self.weight = float(weight)
+        return self
+
+    def __reduce__(self):
+        return type(self), (float(self), self.weight)
+
+    def __repr__(self) -> str:
+        return f"Mean({float(self)!r}, weight={self.weight!r})"
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
+class Sum(Metric):
+    kind = "sum"
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-    return x
+class Min(Metric):
+    kind = "min"
 
 
-# ------------------------------------------------------------------------------------------------------
+class Max(Metric):
+    kind = "max"
+
+
+class Global(Metric):
+    kind = "global"
+
+
+def accumulate_metrics(parts) -> dict[str, list]:
+    """{name: [kind, a, b]} over dicts of declared metrics: a mean adds value * weight in a and weight in b;
+    a sum adds in a; min, max and global keep the extreme in a. What `parallel.reduce_metrics` combines
+    over processes and `finish_metrics` turns into values."""
+    acc: dict[str, list] = {}
+    for metrics in parts:
+        for name, v in metrics.items():
+            if not isinstance(v, Metric):
+                raise TypeError(f"metric {name!r} = {v!r} does not declare its reduction (Mean, Sum, Min, Max, Global)")
+            slot = acc.get(name)
+            if slot is None:
+                slot = acc[name] = [v.kind, 0.0, 0.0] if v.kind in ("mean", "sum") else [v.kind, float(v), 0.0]
+            elif slot[0] != v.kind:
+                raise TypeError(f"metric {name!r} is reduced as {slot[0]} and as {v.kind}")
+            if v.kind == "mean":
+                if v.weight > 0:  # a mean over nothing (e.g. no desirable example in this micro-batch)
+                    slot[1] += float(v) * v.weight
+                    slot[2] += v.weight
+            elif v.kind == "sum":
+                slot[1] += float(v)
+            elif v.kind == "min":
+                slot[1] = min(slot[1], float(v))
+            else:
+                slot[1] = max(slot[1], float(v))
+    return acc
+
+
+def finish_metrics(acc: dict[str, list]) -> dict[str, float]:
+    return {name: (a / b if kind == "mean" else a) for name, (kind, a, b) in acc.items() if kind != "mean" or b > 0}
+
+
+def reduce_metrics(parts) -> dict[str, float]:
+    """Declared metrics of several micro-batches (one process) -> one float per name. The engine's step
+    reduction adds the processes (`parallel.reduce_metrics`); evaluation, which every process runs on the
+    whole eval set, uses this directly."""
+    return finish_metrics(accumulate_metrics(parts))
+
+
+class Prepared(list):
+    """What `Algorithm.prepare` may return instead of a plain list: the micro-batches of one step (the list),
+    the `metrics` that preparing them measured (a rollout's rewards, the generation time), declared like the
+    loss's metrics and reduced with them at every optimizer step taken on these micro-batches, and `samples`:
+    a few of the completions an online method sampled ({prompt, completion, rewards, ...}), which the engine
+    keeps in samples.jsonl for the run report."""
+
+    def __init__(self, micro_batches=(), metrics: dict | None = None, samples: list[dict] | None = None):
+        super().__init__(micro_batches)
+        self.metrics = dict(metrics or {})
+        self.samples = list(samples or [])
 
 
 class Algorithm(abc.ABC):
     """Interface between an algorithm and the engine.
 
-    `prepare(model, examples)`: this rank's examples of one optimizer step -> list of micro-batches
-        (offline methods collate; online methods generate and score here).
+    `prepare(model, examples)`: this rank's examples of one optimizer step -> its micro-batches, a list or a
+        `Prepared` (offline methods collate; online methods generate and score here).
     `num_items(mb)`: how many normalisation units the micro-batch holds (examples, tokens, sequences).
-    `loss(model, mb, total_items)`: (loss already divided by the global total, {metric: float}).
+    `loss(model, mb, total_items)`: (loss already divided by the global total, {name: Metric}).
+    `derived_metrics(step)`: metrics computed from the step's reduced ones (default: none).
     `num_tokens(mb)`: non-pad tokens processed, for throughput.
     `evaluate(model, examples)`: {metric: float}, or {} when the algorithm has no eval.
+    `reference`: the algorithm's reference model strategy (`posttrain.reference`); its TR-DPO sync, its
+        state in checkpoints and its models' device placement go through the hooks below.
     """
 
     steps_per_batch = 1  # GRPO's num_iterations: optimizer steps taken on one prepared batch
+    reference: Reference = Reference()  # none, unless the algorithm sets its own
 
     @abc.abstractmethod
     def prepare(self, model, examples: list) -> list: ...
@@ -91,26 +183,27 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def loss(self, model, mb, total_items: float): ...
 
+    def derived_metrics(self, step: dict[str, float]) -> dict[str, float]:
+        """Metrics that are functions of the step's reduced metrics, not reductions themselves (KTO's margin
+        is the difference of two means over different examples)."""
+        return {}
+
     def evaluate(self, model, examples: list) -> dict:
         return {}
 
     def on_step_end(self, model, step: int) -> None:
-        """Hook after each optimizer step (e.g. TR-DPO's reference sync)."""
+        """Hook after each optimizer step (TR-DPO's reference sync)."""
+        self.reference.on_step_end(model, step)
 
-    def step_metrics(self) -> dict:
-        """Metrics of the step that are not per micro-batch (e.g. rollout rewards, generation time)."""
-        return {}
-
-    def completion_samples(self) -> list[dict]:
-        """Online methods: a few of the completions `prepare` just sampled (prompt, completion, rewards), kept
-        in samples.jsonl for the report."""
-        return []
+    def models(self) -> list:
+        """Models the algorithm runs besides the policy (a reference copy), placed on the policy's device."""
+        return self.reference.models()
 
     def state_dict(self) -> dict:
-        return {}
+        return self.reference.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.reference.load_state_dict(state)
 
 
 @dataclass
@@ -209,7 +302,7 @@ class Engine:
         self.cfg, self.model, self.tokenizer, self.algo = cfg, model, tokenizer, algorithm
         self.train_examples, self.eval_examples = train_examples, eval_examples or []
         self.out = Path(cfg.resolved_output_dir())
-        self.rank, self.world_size = world()
+        self.rank, self.world_size = rank_world()
         if cfg.batch_size % self.world_size:
             raise UserError(f"batch_size {cfg.batch_size} is not divisible by the number of processes {self.world_size}")
         self.total_steps = self._total_steps()
@@ -340,10 +433,8 @@ class Engine:
     def _run_step(self, micro_batches: list) -> dict:
         algo = self.algo
         local_items = sum(algo.num_items(mb) for mb in micro_batches)
-        total = float(all_reduce_sum(torch.tensor(float(local_items))))
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        loss_total, tokens = 0.0, 0
+        total = float(parallel.all_reduce_sum(torch.tensor(float(local_items))))
+        parts = []
         for i, mb in enumerate(micro_batches):
             if self.device.type != "cpu":
                 mb = parallel.to_device(mb, self.device)
@@ -352,20 +443,18 @@ class Engine:
                 with self._autocast():
                     loss, metrics = algo.loss(self.model, mb, total)
                 loss.backward()
-            loss_total += float(loss.detach())
-            tokens += algo.num_tokens(mb)
-            w = algo.num_items(mb)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
-                weights[k] = weights.get(k, 0.0) + w
+            parts += [metrics, {"loss": Sum(loss.detach()), "_tokens": Sum(algo.num_tokens(mb))}]
         grad_norm = parallel.grad_norm(self.model, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = parallel.reduce_means(sums, weights)  # over every rank's micro-batches
-        out.update(loss=float(all_reduce_sum(torch.tensor(loss_total))), grad_norm=grad_norm, learning_rate=lr)
-        out["_tokens"] = float(all_reduce_sum(torch.tensor(float(tokens))))
+        if isinstance(micro_batches, Prepared):  # measured once per prepared batch, logged with each of its steps
+            parts.append(micro_batches.metrics)
+        # Every metric reduced once: over this rank's micro-batches, then over the ranks.
+        out = finish_metrics(parallel.reduce_metrics(accumulate_metrics(parts)))
+        out.update(algo.derived_metrics(out))
+        out.update(grad_norm=grad_norm, learning_rate=lr)
         return out
 
     def evaluate(self) -> dict:
@@ -382,7 +471,7 @@ class Engine:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.device = parallel.place(self.model, self.algo)
+        self.device = parallel.place(self.model, *self.algo.models())
         parallel.wrap(self.model, cfg.distributed, cfg.bf16)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = make_optimizer(self.model, cfg)
         warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * self.total_steps))
@@ -409,14 +498,14 @@ class Engine:
                     examples = self._step_examples(step // spb)
                     with parallel.gathered(self.model):  # generation / no-grad passes differ between ranks
                         micro_batches = self.algo.prepare(self.model, examples)
-                    self.runlog.samples(step + 1, self.algo.completion_samples())
+                    if isinstance(micro_batches, Prepared):
+                        self.runlog.samples(step + 1, micro_batches.samples)
                 self._batch = micro_batches
                 for _ in range(spb - step % spb):
                     if step >= self.total_steps:
                         break
                     ts = time.time()
                     metrics = self._run_step(micro_batches)
-                    metrics.update(self.algo.step_metrics())
                     with parallel.gathered(self.model):
                         self.algo.on_step_end(self.model, step + 1)
                     step += 1

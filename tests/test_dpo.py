@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_shared_data
 
+from posttrain import reference
 from posttrain.algorithms import dpo
 from posttrain.algorithms.dpo import DPO, Config, collate_pairs, encode_preference
 from posttrain.cli import main
@@ -33,6 +34,7 @@ from posttrain.engine import Engine
 from posttrain.logprobs import naive_token_logps
 from posttrain.losses.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, ld_logps, preference_loss
 from posttrain.models import load_model
+from posttrain.reference import Copy
 from posttrain.testing import tiny_model
 
 LN2 = math.log(2)
@@ -98,8 +100,8 @@ def forbid_reference_models(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a reference model was built")
 
-    monkeypatch.setattr(dpo, "frozen_copy", boom)
-    monkeypatch.setattr(dpo, "load_model", boom)
+    monkeypatch.setattr(reference, "frozen_copy", boom)
+    monkeypatch.setattr(reference, "load_model", boom)
 
 
 def params(model) -> dict:
@@ -111,7 +113,7 @@ def metric_rows(out):
 
 
 def encode(tok, rows, max_length=64):
-    return [encode_preference(tok, r, i, max_length, None) for i, r in enumerate(rows)]
+    return [encode_preference(tok, r, max_length, None) for r in rows]
 
 
 def naive_side(model, seqs):
@@ -160,7 +162,7 @@ def cfg_only(*overrides):
 
 def test_loss_and_metrics_equal_pure_loss_on_naive_logps(tokenizer, policy_and_ref):
     policy, ref = policy_and_ref
-    algo = DPO(cfg_only(), tokenizer.pad_token_id, ref_model=ref)
+    algo = DPO(cfg_only(), tokenizer.pad_token_id, Copy(ref))
     pairs = encode(tokenizer, PAIRS[:2])
     mb = collate_pairs(pairs, tokenizer.pad_token_id)
     assert (mb.attention_mask == 0).any()  # the batch is padded
@@ -194,7 +196,7 @@ def test_loss_and_metrics_equal_pure_loss_on_naive_logps(tokenizer, policy_and_r
 
 def test_padding_does_not_change_the_pair_loss(tokenizer, policy_and_ref):
     policy, ref = policy_and_ref
-    algo = DPO(cfg_only(), tokenizer.pad_token_id, ref_model=ref)
+    algo = DPO(cfg_only(), tokenizer.pad_token_id, Copy(ref))
     short, long_ = encode(tokenizer, [PAIRS[0], PAIRS[2]])
     alone = collate_pairs([short], tokenizer.pad_token_id)
     padded = collate_pairs([short, long_], tokenizer.pad_token_id)
@@ -211,7 +213,7 @@ def test_ld_alpha_and_wpo_weights_match_their_formulas(tokenizer, policy_and_ref
     policy, ref = policy_and_ref
     pairs = encode(tokenizer, PAIRS[:2])
     mb = collate_pairs(pairs, tokenizer.pad_token_id)
-    plain, _ = DPO(cfg_only(), tokenizer.pad_token_id, ref_model=ref).loss(policy, mb, 2.0)
+    plain, _ = DPO(cfg_only(), tokenizer.pad_token_id, Copy(ref)).loss(policy, mb, 2.0)
 
     # LD-DPO: the first min(|y_w|, |y_l|) completion tokens count fully, the rest x 0.5, policy AND reference
     def ld(model):
@@ -227,7 +229,7 @@ def test_ld_alpha_and_wpo_weights_match_their_formulas(tokenizer, policy_and_ref
         return out
 
     (pc, pr), (rc, rr) = ld(policy), ld(ref)
-    loss, _ = DPO(cfg_only("ld_alpha=0.5"), tokenizer.pad_token_id, ref_model=ref).loss(policy, mb, 2.0)
+    loss, _ = DPO(cfg_only("ld_alpha=0.5"), tokenizer.pad_token_id, Copy(ref)).loss(policy, mb, 2.0)
     want = preference_loss("sigmoid", pc, pr, rc, rr, beta=0.1).losses.mean()
     assert abs(loss.item() - float(want)) < 1e-5
     assert abs(loss.item() - plain.item()) > 1e-3
@@ -250,7 +252,7 @@ def test_ld_alpha_and_wpo_weights_match_their_formulas(tokenizer, policy_and_ref
     pc, pr, _, _ = naive_sums(policy, pairs)
     rc, rr, _, _ = naive_sums(ref, pairs)
     per_pair = preference_loss("sigmoid", pc, pr, rc, rr, beta=0.1).losses
-    loss, _ = DPO(cfg_only("use_weighting=true"), tokenizer.pad_token_id, ref_model=ref).loss(policy, mb, 2.0)
+    loss, _ = DPO(cfg_only("use_weighting=true"), tokenizer.pad_token_id, Copy(ref)).loss(policy, mb, 2.0)
     assert abs(loss.item() - float((w * per_pair).mean())) < 1e-5
     assert abs(loss.item() - plain.item()) > 1e-3
 
@@ -262,9 +264,9 @@ def test_copy_reference_stays_frozen_while_policy_moves(tiny_model_dir, data, tm
     out = tmp_path / "run"
     eng = run_captured(make_cfg(tiny_model_dir, data[0], out, "max_steps=2"), monkeypatch)
     algo, init = eng.algo, load_model(tiny_model_dir)
-    assert algo.strategy == "copy" and algo.ref_model is not None and algo.ref_model is not eng.model
+    assert algo.reference.strategy == "copy" and algo.reference.model is not eng.model
     start = params(init)
-    for name, p in algo.ref_model.named_parameters():
+    for name, p in algo.reference.model.named_parameters():
         assert not p.requires_grad
         assert torch.equal(p, start[name]), name
     moved = max(float((p - start[n]).abs().max()) for n, p in params(eng.model).items())
@@ -280,7 +282,7 @@ def test_adapter_reference_is_the_base_model_with_no_second_copy(tiny_model_dir,
     forbid_reference_models(monkeypatch)
     eng = run_captured(make_cfg(tiny_model_dir, data[0], tmp_path / "run", "max_steps=2", "lora.r=4"), monkeypatch)
     algo, model = eng.algo, eng.model
-    assert algo.strategy == "adapter" and algo.ref_model is None
+    assert algo.reference.strategy == "adapter" and algo.models() == []
     mb = collate_pairs(eng.train_examples, eng.tokenizer.pad_token_id)
     ref = algo.reference_logps(model, mb)
     base = load_model(tiny_model_dir)
@@ -296,13 +298,13 @@ def test_precomputed_reference_values_cache_and_reuse(tiny_model_dir, data, tmp_
     cfg = make_cfg(tiny_model_dir, data[0], tmp_path / "run1", "max_steps=1", f"eval_dataset={data[1]}",
                    "precompute_ref_log_probs=true")
     eng = run_captured(cfg, monkeypatch)
-    assert eng.algo.strategy == "precomputed" and eng.algo.ref_model is None
+    assert eng.algo.reference.strategy == "precomputed" and eng.algo.models() == []
 
     # the values equal what the copy strategy (a frozen starting model) computes for the same pairs
     pad = eng.tokenizer.pad_token_id
     pairs = eng.train_examples
-    stripped = [dpo.Pair(p.index, p.chosen, p.rejected) for p in pairs]
-    copy_algo = DPO(cfg_only(), pad, ref_model=load_model(tiny_model_dir))
+    stripped = [dpo.Pair(p.chosen, p.rejected) for p in pairs]
+    copy_algo = DPO(cfg_only(), pad, Copy(load_model(tiny_model_dir)))
     want = copy_algo.reference_logps(None, collate_pairs(stripped, pad))
     got = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
     assert torch.allclose(got, want, atol=1e-5)
@@ -330,7 +332,7 @@ def test_reference_free_losses_load_no_reference(tiny_model_dir, data, tmp_path,
     out = tmp_path / "run"
     eng = run_captured(make_cfg(tiny_model_dir, data[0], out, "max_steps=1", f"loss_type={loss_type}",
                                 "precompute_ref_log_probs=true"), monkeypatch)
-    assert eng.algo.strategy == "none" and eng.algo.ref_model is None
+    assert eng.algo.reference.strategy == "none" and eng.algo.models() == []
     assert all(p.ref_chosen is None for p in eng.train_examples)  # nothing precomputed either
     assert math.isfinite(metric_rows(out)[0]["loss"])
 
@@ -341,7 +343,7 @@ def test_eval_rewards_use_the_starting_model_as_reference(tiny_model_dir, data, 
     out = tmp_path / "run"
     eng = run_captured(make_cfg(tiny_model_dir, data[0], out, "max_steps=3", f"eval_dataset={data[1]}", *extra),
                        monkeypatch)
-    assert eng.algo.strategy == strategy
+    assert eng.algo.reference.strategy == strategy
     final = metric_rows(out)[-1]
     init = load_model(tiny_model_dir)
     eval_pairs = eng.eval_examples
@@ -366,19 +368,19 @@ def test_tr_dpo_soft_and_hard_reference_update(tiny_model_dir, data, tmp_path, m
     old = params(load_model(tiny_model_dir))
     policy = params(eng.model)
     changed = 0
-    for name, ref in eng.algo.ref_model.named_parameters():
+    for name, ref in eng.algo.reference.model.named_parameters():
         # ref <- alpha * policy + (1 - alpha) * ref: both products are exact for alpha in {0.5, 1}
         assert torch.equal(ref, alpha * policy[name] + (1 - alpha) * old[name]), name
         changed += not torch.equal(ref, old[name])
     assert changed > 0
-    assert eng.algo.state_dict()["ref_model"].keys() == eng.algo.ref_model.state_dict().keys()  # saved on checkpoint
+    assert eng.algo.state_dict()["ref_model"].keys() == eng.algo.reference.model.state_dict().keys()  # saved on checkpoint
 
 
 def test_tr_dpo_syncs_only_every_n_steps(tiny_model_dir, data, tmp_path, monkeypatch):
     eng = run_captured(make_cfg(tiny_model_dir, data[0], tmp_path / "run", "max_steps=1", "sync_ref_model=true",
                                 "ref_model_mixup_alpha=0.5", "ref_model_sync_steps=2"), monkeypatch)
     old = params(load_model(tiny_model_dir))
-    assert all(torch.equal(p, old[n]) for n, p in eng.algo.ref_model.named_parameters())
+    assert all(torch.equal(p, old[n]) for n, p in eng.algo.reference.model.named_parameters())
 
 
 # ------------------------------------------------------------------------------ 4. gradient accumulation
@@ -433,7 +435,7 @@ def test_evaluation_batches_by_eval_batch_size(tokenizer, monkeypatch):
     real = dpo.collate_pairs
     monkeypatch.setattr(dpo, "collate_pairs", lambda pairs, pad: sizes.append(len(pairs)) or real(pairs, pad))
     model = tiny_model(tokenizer)
-    algo = DPO(cfg_only("eval_batch_size=3", "micro_batch_size=1"), tokenizer.pad_token_id, ref_model=tiny_model(tokenizer))
+    algo = DPO(cfg_only("eval_batch_size=3", "micro_batch_size=1"), tokenizer.pad_token_id, Copy(tiny_model(tokenizer)))
     with torch.no_grad():
         out = algo.evaluate(model, encode(tokenizer, PAIRS))
     assert sizes == [3, 1]

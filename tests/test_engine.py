@@ -4,6 +4,7 @@ checkpoints, schedules, metrics, final save, LoRA."""
 import json
 import math
 import os
+import pickle
 import signal
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.algorithms.sft import SFT, Config
 from posttrain.config import LoraConfig
 from posttrain.data.tokenize import collate, encode_sft_row
-from posttrain.engine import Engine, make_scheduler
+from posttrain.engine import Engine, Global, Max, Mean, Min, Prepared, Sum, make_scheduler, reduce_metrics
 from posttrain.logprobs import naive_token_logps
 from posttrain.models import apply_lora
 from posttrain.testing import tiny_model
@@ -253,3 +254,57 @@ def test_lora_merge_saves_a_plain_model(tmp_path, tokenizer):
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, captured["logits"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ declared metrics
+
+
+def test_declared_metrics_reduce_by_their_kind():
+    """Two micro-batches' metrics by hand: a pair-weighted mean, a sum, the extremes, a step-wide value; a mean
+    over nothing (weight 0) adds nothing, and a name whose weights are all 0 is left out."""
+    parts = [
+        {"acc": Mean(0.5, 2), "n": Sum(2), "lo": Min(-1.0), "hi": Max(3.0), "z": Global(0.25), "d": Mean(4.0, 0)},
+        {"acc": Mean(1.0, 6), "n": Sum(6), "lo": Min(-4.0), "hi": Max(1.0), "z": Global(0.25), "d": Mean(2.0, 1),
+         "none": Mean(9.0, 0)},
+    ]
+    assert reduce_metrics(parts) == {"acc": (0.5 * 2 + 1.0 * 6) / 8, "n": 8.0, "lo": -4.0, "hi": 3.0, "z": 0.25,
+                                     "d": 2.0}
+    # A metric is a number to whoever reads it, and survives a checkpoint with its reduction.
+    m = Mean(0.5, 2)
+    assert m == 0.5 and m + 1 == 1.5 and pytest.approx(0.5) == m
+    back = pickle.loads(pickle.dumps(Prepared([1, 2], {"m": m, "s": Sum(3)})))
+    assert back == [1, 2] and back.metrics["m"].weight == 2.0 and back.metrics["s"].kind == "sum"
+    with pytest.raises(TypeError, match="does not declare its reduction"):
+        reduce_metrics([{"plain": 0.5}])
+    with pytest.raises(TypeError, match="reduced as sum and as max"):
+        reduce_metrics([{"x": Sum(1)}, {"x": Max(2)}])
+
+
+class _Counting(SFT):
+    """SFT plus a metric of every kind, a prepared-batch metric and a derived one."""
+
+    def prepare(self, model, examples):
+        return Prepared(super().prepare(model, examples), {"prepared_examples": Sum(len(examples))})
+
+    def loss(self, model, mb, total_items):
+        loss, m = super().loss(model, mb, total_items)
+        lengths = mb.attention_mask.sum(-1).float()
+        return loss, {**m, "rows": Sum(len(lengths)), "shortest": Min(lengths.min()), "longest": Max(lengths.max()),
+                      "mean_length": Mean(lengths.mean(), len(lengths))}
+
+    def derived_metrics(self, step):
+        return {"rows_per_prepared_example": step["rows"] / step["prepared_examples"]}
+
+
+def test_engine_reduces_declared_metrics_once_per_step(tmp_path, tokenizer):
+    """4 examples a step in micro-batches of 1: every logged value is the step's, not the last micro-batch's."""
+    exs = examples(tokenizer)
+    cfg = config(tmp_path, micro_batch_size=1, max_steps=1)
+    run(cfg, tokenizer, tiny_model(tokenizer), exs, algo_cls=_Counting)
+    [row] = metrics(tmp_path)
+    step = Engine(cfg, tiny_model(tokenizer), tokenizer, SFT(cfg, 0), exs)._step_examples(0)
+    lengths = [len(e.input_ids) for e in step]
+    assert row["rows"] == row["prepared_examples"] == 4 and row["rows_per_prepared_example"] == 1.0
+    assert (row["shortest"], row["longest"]) == (min(lengths), max(lengths)) and min(lengths) != max(lengths)
+    assert row["mean_length"] == pytest.approx(sum(lengths) / 4)
+    assert row["loss"] > 0 and "nll" in row

@@ -16,12 +16,13 @@ import torch
 from conftest import SHARED_DATA, needs_shared_data
 from safetensors.torch import load_file
 
-from posttrain import cli
+from posttrain import cli, reference
 from posttrain.algorithms import grpo
 from posttrain.algorithms.grpo import GRPO, Config, PromptExample
 from posttrain.engine import Engine
 from posttrain.logprobs import naive_token_logps
 from posttrain.losses.policy import group_advantages, k3_kl, policy_loss
+from posttrain.reference import Copy
 from posttrain.rollout.generate import HFEngine
 from posttrain.testing import tiny_model
 
@@ -172,7 +173,7 @@ def test_loss_equals_policy_loss_on_naive_logps(tmp_path, tokenizer, loss_type):
     model, ref = eos_model(tokenizer), tiny_model(tokenizer, seed=1)
     record = Recorder()
     cfg = make_cfg(tmp_path, loss_type=loss_type, beta=0.1)
-    algo = GRPO(cfg, tokenizer, [("chars", record)], examples(tokenizer), ref)
+    algo = GRPO(cfg, tokenizer, [("chars", record)], examples(tokenizer), Copy(ref))
     [mb] = algo.prepare(model, examples(tokenizer)[:2])
     mask = mb.completion_mask.float()
     assert len(record.values) == 2 * G and len(set(mask.sum(-1).tolist())) > 1  # lengths differ
@@ -211,7 +212,7 @@ def test_micro_batch_split_does_not_change_the_gradient(tmp_path, tokenizer, los
     results = {}
     for size, sizes in [(8, [8]), (1, [1] * 8), (3, [3, 3, 2])]:
         cfg = make_cfg(tmp_path, loss_type=loss_type, micro_batch_size=size, beta=0.05)
-        algo = GRPO(cfg, tokenizer, [("chars", chars)], examples(tokenizer), ref)  # fresh: same seeds
+        algo = GRPO(cfg, tokenizer, [("chars", chars)], examples(tokenizer), Copy(ref))  # fresh: same seeds
         micro = algo.prepare(model, examples(tokenizer)[:2])
         assert [len(mb) for mb in micro] == sizes
         total = sum(algo.num_items(mb) for mb in micro)
@@ -304,13 +305,13 @@ def test_engine_generates_once_per_two_iterations(tmp_path, tokenizer, rollouts)
 def test_beta_with_a_frozen_reference_copy(tmp_path, tiny_model_dir, data, rewards_module, monkeypatch):
     """beta > 0 on a full model: one frozen copy is made; kl is 0 at step 1 (policy = reference) and grows."""
     copies = []
-    real = grpo.frozen_copy
+    real = reference.frozen_copy
 
     def spy(model):
         copies.append((real(model), {n: p.detach().clone() for n, p in model.named_parameters()}))
         return copies[-1][0]
 
-    monkeypatch.setattr(grpo, "frozen_copy", spy)
+    monkeypatch.setattr(reference, "frozen_copy", spy)
     out = tmp_path / "run"
     assert cli.main(cli_args(tiny_model_dir, data, out, f"reward_funcs={rewards_module}:chars", "beta=0.1",
                              "max_steps=3", "learning_rate=0.05", "temperature=1.5")) == 0
@@ -326,7 +327,7 @@ def test_beta_with_a_frozen_reference_copy(tmp_path, tiny_model_dir, data, rewar
 
 def test_beta_with_lora_uses_the_adapter_off_model(tmp_path, tiny_model_dir, data, rewards_module, monkeypatch):
     """LoRA: no copy; the reference is the base model (adapter off). lora_B starts at 0, so kl is 0 at step 1."""
-    monkeypatch.setattr(grpo, "frozen_copy", lambda model: pytest.fail("LoRA must not copy the model"))
+    monkeypatch.setattr(reference, "frozen_copy", lambda model: pytest.fail("LoRA must not copy the model"))
     out = tmp_path / "run"
     assert cli.main(cli_args(tiny_model_dir, data, out, f"reward_funcs={rewards_module}:chars", "beta=0.1",
                              "max_steps=3", "learning_rate=0.05", "temperature=1.5", "lora.r=4")) == 0
@@ -365,8 +366,9 @@ def test_unscorable_group_gets_zero_advantage(tmp_path, tokenizer):
     model = eos_model(tokenizer)
     algo = GRPO(make_cfg(tmp_path, micro_batch_size=G), tokenizer, [("partial", partial), ("boom", boom)],
                 examples(tokenizer))
-    first, second = algo.prepare(model, examples(tokenizer)[:2])
-    m = algo.step_metrics()
+    batch = algo.prepare(model, examples(tokenizer)[:2])
+    first, second = batch
+    m = batch.metrics
     assert m["reward_failures"] == 1.0 and m["reward_timeouts"] == 0.0
     assert first.advantages.tolist() == [0.0] * G and (second.advantages != 0).sum() >= 2
     total = algo.num_items(first) + algo.num_items(second)
@@ -391,8 +393,8 @@ def test_dynamic_sampling_drops_zero_std_groups_and_resamples(tmp_path, tokenize
     prompts, at least one of them informative, which fills the batch: 2 rounds, every kept group varies."""
     exs = examples(tokenizer)
     algo = GRPO(make_cfg(tmp_path, dynamic_sampling=True), tokenizer, [("r", constant_for_first)], exs)
-    [mb] = algo.prepare(tiny_model(tokenizer), exs[:2])
-    m = algo.step_metrics()
+    batch = algo.prepare(tiny_model(tokenizer), exs[:2])
+    [mb], m = batch, batch.metrics
     assert m["sampling_rounds"] == 2.0 and len(rollouts) == 2
     assert m["frac_reward_zero_std"] == 0.0 and len(mb) == 2 * G
     assert exs[0].prompt_ids not in mb.prompts and mb.prompts[0] == exs[1].prompt_ids
@@ -405,8 +407,8 @@ def test_dynamic_sampling_gives_up_after_max_rounds(tmp_path, tokenizer, rollout
     exs = examples(tokenizer)
     algo = GRPO(make_cfg(tmp_path, dynamic_sampling=True, max_sampling_rounds=3), tokenizer,
                 [("one", lambda prompts, completions, **kw: [1.0] * len(completions))], exs)
-    [mb] = algo.prepare(tiny_model(tokenizer), exs[:2])
-    m = algo.step_metrics()
+    batch = algo.prepare(tiny_model(tokenizer), exs[:2])
+    [mb], m = batch, batch.metrics
     assert m["sampling_rounds"] == 3.0 and len(rollouts) == 3
     assert m["frac_reward_zero_std"] == 1.0 and len(mb) == 2 * G and mb.advantages.abs().sum() == 0
 
@@ -424,11 +426,12 @@ def test_dynamic_sampling_judges_the_weighted_total(tmp_path, tokenizer, rollout
     exs = examples(tokenizer)
     algo = GRPO(make_cfg(tmp_path, dynamic_sampling=True, reward_weights=[1.0, 0.5], seed=2), tokenizer,
                 [("even", even), ("odd", odd)], exs)
-    [mb] = algo.prepare(tiny_model(tokenizer), exs[:2])
+    batch = algo.prepare(tiny_model(tokenizer), exs[:2])
+    [mb] = batch
     parity = [len(t) % 2 for t in rollouts[0].texts]
     assert 0 < sum(parity[:G]) < G and 0 < sum(parity[G:]) < G  # both groups mix even and odd
-    assert algo.step_metrics()["sampling_rounds"] == 1.0
-    assert algo.step_metrics()["reward"] == pytest.approx(1 - 0.5 * sum(parity) / (2 * G))
+    assert batch.metrics["sampling_rounds"] == 1.0
+    assert batch.metrics["reward"] == pytest.approx(1 - 0.5 * sum(parity) / (2 * G))
     assert (mb.advantages > 0).tolist() == [p == 0 for p in parity]  # weighted total 1 (even) beats 0.5 (odd)
 
 
@@ -441,10 +444,11 @@ def test_mask_truncated_completions(tmp_path, tokenizer, rollouts):
     model = eos_model(tokenizer)
     algo = GRPO(make_cfg(tmp_path, mask_truncated_completions=True), tokenizer, [("chars", chars)],
                 examples(tokenizer))
-    [mb] = algo.prepare(model, examples(tokenizer)[:2])
+    batch = algo.prepare(model, examples(tokenizer)[:2])
+    [mb] = batch
     truncated = rollouts[0].truncated
     assert 0 < int(truncated.sum()) < 2 * G
-    assert algo.step_metrics()["completions/clipped_ratio"] == pytest.approx(float(truncated.float().mean()))
+    assert batch.metrics["completions/clipped_ratio"] == pytest.approx(float(truncated.float().mean()))
     assert (mb.completion_mask[truncated] == 0).all() and (mb.completion_mask[~truncated].sum(-1) > 0).all()
     loss, _ = algo.loss(model, mb, algo.num_items(mb))
     loss.backward()

@@ -14,9 +14,11 @@ from posttrain import cli
 from posttrain.algorithms import kto as K
 from posttrain.data.formats import Dataset, Row
 from posttrain.data.tokenize import collate
+from posttrain.engine import reduce_metrics
 from posttrain.logprobs import naive_token_logps
 from posttrain.losses.kto import kl_estimate, kto_loss
 from posttrain.models import apply_lora
+from posttrain.reference import AdapterOff, Copy, Precomputed
 from posttrain.testing import tiny_model
 from posttrain.testing import assert_close_to_scale
 
@@ -44,13 +46,15 @@ def naive_sums(model, seqs):
 
 
 def trainer_loss(algo, model, examples):
-    """The step's loss as the engine computes it: sum of the micro-batch losses, each / the global count."""
-    total, metrics = 0.0, {}
+    """The step's loss as the engine computes it: sum of the micro-batch losses, each / the global count; its
+    metrics reduced over the micro-batches as the engine does (`reduce_metrics`, then `derived_metrics`)."""
+    total, parts = 0.0, []
     for mb in algo.prepare(model, examples):
         loss, m = algo.loss(model, mb, float(len(examples)))
         total = total + loss
-        metrics.update(m)
-    metrics.update(algo.step_metrics())  # the engine's call after the step's micro-batches
+        parts.append(m)
+    metrics = reduce_metrics(parts)
+    metrics.update(algo.derived_metrics(metrics))
     return total, metrics
 
 
@@ -112,7 +116,7 @@ def test_loss_equals_kto_loss_on_naive_logps(tokenizer, swap):
     policy, ref = (b, a) if swap else (a, b)
     cfg = make_cfg(beta=0.5, desirable_weight=1.5, undesirable_weight=0.7, micro_batch_size=4)
     examples = K.encode_examples(tokenizer, K.unpair(pref_dataset()), cfg)
-    algo = K.KTO(cfg, tokenizer.pad_token_id, ref_model=ref)
+    algo = K.KTO(cfg, tokenizer.pad_token_id, Copy(ref))
 
     kl_diff = naive_sums(policy, [e.kl_seq for e in examples]) - naive_sums(ref, [e.kl_seq for e in examples])
     z0 = kl_estimate(
@@ -150,7 +154,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(tokenizer):
         policy = tiny_model(tokenizer, seed=0)
         cfg = make_cfg(micro_batch_size=size)
         examples = K.encode_examples(tokenizer, K.unpair(pref_dataset()), cfg)
-        algo = K.KTO(cfg, tokenizer.pad_token_id, ref_model=tiny_model(tokenizer, seed=3))
+        algo = K.KTO(cfg, tokenizer.pad_token_id, Copy(tiny_model(tokenizer, seed=3)))
         loss, _ = trainer_loss(algo, policy, examples)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
@@ -166,8 +170,8 @@ def test_lora_reference_is_the_adapter_off_model(tokenizer):
     cfg = make_cfg(lora=LoraConfig(r=4), micro_batch_size=6)
     model = apply_lora(base, cfg.lora)
     examples = K.encode_examples(tokenizer, K.unpair(pref_dataset()), cfg)
-    algo = K.KTO(cfg, tokenizer.pad_token_id)
-    assert algo.strategy == "adapter"
+    algo = K.KTO(cfg, tokenizer.pad_token_id, AdapterOff())
+    assert algo.reference.strategy == "adapter"
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(2):  # move the adapter away from its zero start
         loss, _ = trainer_loss(algo, model, examples)
@@ -202,15 +206,12 @@ def test_precompute_equals_live_reference_and_is_cached(tokenizer, tiny_model_di
                 p.add_(0.02 * torch.randn_like(p))
         examples = K.encode_examples(tokenizer, K.unpair(pref_dataset()), cfg)
         if cfg.precompute_ref_log_probs:
-            algo = K.KTO(cfg, tokenizer.pad_token_id, ref_model=load_model(tiny_model_dir))
-            assert K.precompute_reference(cfg, algo, policy, examples).startswith("computed")
-            algo.ref_model = None
-            assert K.precompute_reference(cfg, algo, policy, examples).startswith("cache")
-            assert algo.strategy == "precomputed" and examples[0].ref_kl_logp is not None
+            algo = K.KTO(cfg, tokenizer.pad_token_id, Precomputed(tiny_model_dir, path=tiny_model_dir))
+            assert algo.precompute_reference(policy, examples)[0].startswith("computed")
+            assert algo.precompute_reference(policy, examples)[0].startswith("cache")
+            assert algo.reference.strategy == "precomputed" and examples[0].ref_kl_logp is not None
         else:
-            algo = K.KTO(
-                cfg, tokenizer.pad_token_id, ref_model=load_model(tiny_model_dir).requires_grad_(False)
-            )
+            algo = K.KTO(cfg, tokenizer.pad_token_id, Copy(load_model(tiny_model_dir).requires_grad_(False)))
         results.append(trainer_loss(algo, policy, examples))
     (loss_live, m_live), (loss_pre, m_pre) = results
     assert m_live["kl"] > 0

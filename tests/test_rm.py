@@ -13,6 +13,7 @@ from posttrain import cli
 from posttrain.algorithms import rm as R
 from posttrain.config import LoraConfig, UserError
 from posttrain.data.formats import Dataset, Row
+from posttrain.engine import reduce_metrics
 from posttrain.models import load_model
 from posttrain.testing import tiny_tokenizer
 
@@ -149,15 +150,13 @@ def test_loss_equals_bradley_terry_with_margin_and_centering(rm_model, tokenizer
     algo = R.RewardModel(cfg, tokenizer.pad_token_id, with_margin=True)
     mbs = algo.prepare(rm_model, pairs)
     assert [len(mb) for mb in mbs] == [2, 1]
-    total, sums = 0.0, {}
+    total, parts = 0.0, []
     for mb in mbs:
         loss, metrics = algo.loss(rm_model, mb, 3.0)
         total = total + loss
-        for k, v in metrics.items():  # the engine's pair-weighted average over the micro-batches reporting k
-            sums.setdefault(k, []).append((v, len(mb)))
+        parts.append(metrics)
     torch.testing.assert_close(total.detach(), expected, rtol=0, atol=1e-6)
-    step = {k: sum(v * w for v, w in vs) / sum(w for _, w in vs) for k, vs in sums.items()}
-    step.update(algo.step_metrics())  # the engine's call after the step's micro-batches
+    step = reduce_metrics(parts)  # as the engine reduces them over the step's micro-batches
     everything = torch.cat([rc, rr])
     assert step["accuracy"] == pytest.approx(float((rc > rr).float().mean()), abs=1e-6)
     assert step["margin"] == pytest.approx(float((rc - rr).mean()), abs=1e-5)

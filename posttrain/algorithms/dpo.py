@@ -7,33 +7,25 @@ The losses themselves are pure functions in `posttrain.losses.preference`; this 
 sequence log-probs they take: one forward over chosen and rejected together (the batch is [chosen; rejected]),
 through the shared log-prob routine, so prompt tokens and padding never contribute.
 
-Reference strategies (`reference_strategy` in the metrics summary):
-  none         the loss is reference-free (simpo, cpo, orpo, sft): no reference is loaded.
-  precomputed  `precompute_ref_log_probs: true`: one pass before training, cached on disk keyed by model,
-               data and tokenization settings; no reference model is kept in memory.
-  adapter      LoRA: the same model with the adapter disabled (no second copy of the weights).
-  copy         a frozen copy of the starting policy (or `ref_model: PATH`). TR-DPO (Gorbatovski et al. 2024,
-               arXiv:2404.09656) updates it: soft ref <- alpha * policy + (1 - alpha) * ref, or a hard copy
-               when alpha = 1, every `ref_model_sync_steps`.
-Evaluation always scores against the true reference: the precomputed values, the adapter-off model, or the
-frozen copy; never the policy being trained.
+The reference (`posttrain.reference`, logged at start as `reference: <strategy>`): none for reference-free
+losses (simpo, cpo, orpo, sft); precomputed with `precompute_ref_log_probs` (one pass before training, cached
+on disk); the adapter-off policy with LoRA; otherwise a frozen copy of the starting policy or `ref_model:
+PATH`, which TR-DPO (`sync_ref_model`, Gorbatovski et al. 2024, arXiv:2404.09656) moves towards the policy:
+ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps`. Evaluation scores against the same
+reference, never the policy being trained.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import Encoded, encode_pair, truncate_pair
-from posttrain.engine import Algorithm, Engine, is_main
+from posttrain.engine import Algorithm, Engine, Mean, reduce_metrics
 from posttrain.logprobs import shared_prefix_token_logps, token_logps
 from posttrain.losses.preference import (
     LOSS_OPTION_DEFAULTS,
@@ -43,7 +35,9 @@ from posttrain.losses.preference import (
     preference_loss,
     wpo_weights,
 )
-from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, prepare_model, resolve_model_path
+from posttrain.models import prepare_model
+from posttrain.parallel import is_main
+from posttrain.reference import Reference, Sync, build
 
 log = logging.getLogger("posttrain")
 
@@ -138,7 +132,9 @@ class Config(TrainConfig):
 
 @dataclass
 class Pair:
-    index: int
+    """One preference pair, tokenized: each side is prompt + completion (mask on the completion), and the
+    reference's summed log-probs of each side once precomputed."""
+
     chosen: Encoded
     rejected: Encoded
     ref_chosen: float | None = None
@@ -171,7 +167,9 @@ class PairBatch:
         return int(self.attention_mask.sum())
 
 
-def encode_preference(tok, data: dict, index: int, max_length: int, max_prompt_length: int | None) -> Pair | None:
+def encode_preference(tok, data: dict, max_length: int, max_prompt_length: int | None) -> Pair | None:
+    """A row's two sides, each prompt + completion with the loss mask on the completion; None when the prompt
+    alone fills max_length."""
     sides = []
     for key in ("chosen", "rejected"):
         pair = truncate_pair(*encode_pair(tok, data["prompt"], data[key]), max_length, max_prompt_length)
@@ -179,7 +177,7 @@ def encode_preference(tok, data: dict, index: int, max_length: int, max_prompt_l
             return None
         p, c = pair
         sides.append(Encoded(p + c, [0] * len(p) + [1] * len(c)))
-    return Pair(index, *sides)
+    return Pair(*sides)
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
@@ -208,17 +206,9 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
 
 
 class DPO(Algorithm):
-    def __init__(self, cfg: Config, pad_id: int, ref_model=None):
-        self.cfg, self.pad_id, self.ref_model = cfg, pad_id, ref_model
+    def __init__(self, cfg: Config, pad_id: int, reference: Reference):
+        self.cfg, self.pad_id, self.reference = cfg, pad_id, reference
         self.kwargs = cfg.loss_kwargs()
-
-    @property
-    def strategy(self) -> str:
-        if self.cfg.reference_free():
-            return "none"
-        if self.cfg.precompute_ref_log_probs:
-            return "precomputed"
-        return "copy" if self.ref_model is not None else "adapter"
 
     def prepare(self, model, examples: list) -> list:
         size = self.cfg.micro_batch_size
@@ -242,18 +232,25 @@ class DPO(Algorithm):
         return sums, lengths, out
 
     def reference_logps(self, model, mb: PairBatch) -> torch.Tensor | None:
-        """[2B] reference sums for the batch, by strategy (always the true reference)."""
-        if self.strategy == "none":
-            return None
-        if self.strategy == "precomputed":
-            return mb.ref_logps
-        with torch.no_grad():
-            if self.strategy == "adapter":
-                with model.disable_adapter():
-                    return self._sequence_logps(model, mb, False)[0]
-            return self._sequence_logps(self.ref_model, mb, False)[0]
+        """[2B] reference sums of the batch (None without a reference), scored exactly as the policy's."""
+        return self.reference.logps(model, lambda m: self._sequence_logps(m, mb, False)[0], stored=mb.ref_logps)
+
+    def precompute_reference(self, model, *datasets: list[Pair]) -> list[str]:
+        """With the precomputed strategy: fill every pair's ref_chosen / ref_rejected (one reference pass, or
+        the disk cache) and release the reference model. Returns where each dataset's values came from."""
+
+        def score(ref, pairs):  # [chosen, rejected] per pair
+            return self._sequence_logps(ref, collate_pairs(pairs, self.pad_id), False)[0].view(2, -1).t()
+
+        def store(pair, values):
+            pair.ref_chosen, pair.ref_rejected = values
+
+        return self.reference.precompute(model, datasets, name="dpo", settings={"ld_alpha": self.cfg.ld_alpha},
+                                         sequences=lambda p: (p.chosen, p.rejected), score=score, store=store,
+                                         size=self.cfg.eval_batch_size)
 
     def _compute(self, model, mb: PairBatch):
+        """(per-pair losses [B], metrics: means over the B pairs)."""
         B = len(mb)
         ref = self.reference_logps(model, mb)
         stats = ("logits_mean", "log_p2") if self.cfg.use_weighting else ("logits_mean",)
@@ -276,7 +273,8 @@ class DPO(Algorithm):
             weights=weights,
             **self.kwargs,
         )
-        # TRL's logits/*: the mean logit over every scored token of the side (token-weighted, not per pair).
+        # TRL's logits/*: the mean logit over every scored token of the side (token-weighted within the
+        # micro-batch; across micro-batches weighted by pairs, as every metric here).
         logit_sums = (out.logits_mean * out.mask).sum(-1)
         chosen_logits = logit_sums[:B].sum() / lengths[:B].sum().clamp(min=1)
         rejected_logits = logit_sums[B:].sum() / lengths[B:].sum().clamp(min=1)
@@ -292,103 +290,20 @@ class DPO(Algorithm):
         }
         for k, v in res.metrics.items():
             metrics[k] = v.detach().float().mean()
-        return res.losses, metrics
+        return res.losses, {k: Mean(v, B) for k, v in metrics.items()}
 
     def loss(self, model, mb: PairBatch, total_items: float):
         losses, metrics = self._compute(model, mb)
-        return losses.sum() / total_items, {k: float(v) for k, v in metrics.items()}
+        return losses.sum() / total_items, metrics
 
     def evaluate(self, model, examples: list) -> dict:
-        sums: dict[str, float] = {}
-        n = 0
+        parts = []
         size = self.cfg.eval_batch_size  # eval holds no activations for backward: bigger batches than training
         for i in range(0, len(examples), size):
             mb = collate_pairs(examples[i : i + size], self.pad_id)
             losses, metrics = self._compute(model, mb)
-            b = len(mb)
-            n += b
-            sums["loss"] = sums.get("loss", 0.0) + float(losses.sum())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * b
-        return {k: v / n for k, v in sums.items()}
-
-    def on_step_end(self, model, step: int) -> None:
-        if self.cfg.sync_ref_model and step % self.cfg.ref_model_sync_steps == 0:
-            sync_reference(self.ref_model, model, self.cfg.ref_model_mixup_alpha)
-
-    def state_dict(self) -> dict:
-        if self.cfg.sync_ref_model:  # the moving reference is part of the run's state
-            return {"ref_model": {k: v.clone() for k, v in self.ref_model.state_dict().items()}}
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "ref_model" in state:
-            self.ref_model.load_state_dict(state["ref_model"])
-
-
-@torch.no_grad()
-def sync_reference(ref_model, policy, alpha: float) -> None:
-    """TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard copy)."""
-    policy_params = dict(policy.named_parameters())
-    for name, p in ref_model.named_parameters():
-        p.mul_(1 - alpha).add_(policy_params[name].detach(), alpha=alpha)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Precomputed reference log-probs
-
-
-def _cache_key(cfg: Config, model_path: str, pairs: list[Pair]) -> str:
-    """Model (path + weight file sizes and times), tokenized data and settings that change the values."""
-    h = hashlib.sha256()
-    h.update(json.dumps([model_path, cfg.max_length, cfg.max_prompt_length, cfg.ld_alpha]).encode())
-    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-    for f in weights:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for p in pairs:
-        h.update(str(p.chosen.input_ids).encode() + b"|" + str(p.rejected.input_ids).encode() + b"|" + str(p.chosen.mask).encode())
-    return h.hexdigest()[:24]
-
-
-def reference_pass(path: Path, model, ref_model, n: int, size: int, score) -> tuple[torch.Tensor, str]:
-    """[n, 2] reference values, from the disk cache at `path` or computed and cached there (by rank 0, atomically).
-
-    `score(ref, start, stop) -> [stop - start, 2]` runs on the reference: `ref_model`, or else the policy before
-    training (its LoRA adapter disabled), in eval mode without gradients, `size` examples per call. Shared by
-    every algorithm with `precompute_ref_log_probs`."""
-    if path.exists():
-        return torch.load(path), f"cache {path}"
-    ref = ref_model if ref_model is not None else model
-    ctx = model.disable_adapter() if (ref_model is None and is_peft(model)) else nullcontext()
-    values = torch.empty(n, 2)
-    was_training = ref.training
-    ref.eval()
-    with torch.no_grad(), ctx:
-        for i in range(0, n, size):
-            values[i : min(i + size, n)] = score(ref, i, min(i + size, n)).cpu()
-    ref.train(was_training)
-    if is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(values, tmp)
-        tmp.replace(path)
-    return values, f"computed, cached at {path}"
-
-
-def precompute_reference(cfg: Config, algo: DPO, model, pairs: list[Pair], label: str) -> str:
-    """Fill pair.ref_chosen / ref_rejected, from the disk cache when the same model+data+settings ran before."""
-    key = _cache_key(cfg, resolve_model_path(cfg.ref_model or cfg.model), pairs)
-
-    def score(ref, start, stop):
-        mb = collate_pairs([Pair(p.index, p.chosen, p.rejected) for p in pairs[start:stop]], algo.pad_id)
-        return algo._sequence_logps(ref, mb, False)[0].view(2, -1).t()  # [chosen, rejected] per pair
-
-    values, source = reference_pass(cache_dir() / "ref_logps" / f"{key}.pt", model, algo.ref_model, len(pairs),
-                                    cfg.eval_batch_size, score)
-    for p, (c, r) in zip(pairs, values.tolist()):
-        p.ref_chosen, p.ref_rejected = c, r
-    return source
+            parts.append({"loss": Mean(float(losses.sum()) / len(mb), len(mb)), **metrics})
+        return reduce_metrics(parts)
 
 
 def run(cfg: Config):
@@ -398,27 +313,17 @@ def run(cfg: Config):
         log.warning("ORPO on a model without a chat template (a base model?): it can learn the preferences "
                     "but lose instruction following; start from an instruction-tuned model")
 
-    def encoder(ds):
-        counter = iter(range(len(ds.rows)))
-        return lambda data: encode_preference(tok, data, next(counter), cfg.max_length, cfg.max_prompt_length)
+    def encode(data):
+        return encode_preference(tok, data, cfg.max_length, cfg.max_prompt_length)
 
-    pairs = encode_dataset(train, encoder(train))
-    eval_pairs = encode_dataset(evald, encoder(evald)) if evald else None
+    pairs = encode_dataset(train, encode)
+    eval_pairs = encode_dataset(evald, encode) if evald else None
 
-    ref_model = None
-    needs_copy = not cfg.reference_free() and (cfg.lora is None or cfg.ref_model)
-    if needs_copy:
-        if cfg.ref_model:
-            ref_model = load_model(cfg.ref_model, cfg.trust_remote_code)
-            ref_model.eval().requires_grad_(False)
-        elif not cfg.precompute_ref_log_probs:
-            ref_model = frozen_copy(model)
-    algo = DPO(cfg, tok.pad_token_id, ref_model)
-    if cfg.precompute_ref_log_probs and not cfg.reference_free():
-        log.info(f"reference log-probs for {len(pairs)} pairs: {precompute_reference(cfg, algo, model, pairs, 'train')}")
-        if eval_pairs:
-            precompute_reference(cfg, algo, model, eval_pairs, "eval")
-        algo.ref_model = None  # nothing of the reference stays in memory
+    sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
+    reference = build(model, needed=not cfg.reference_free(), path=cfg.ref_model, model_path=cfg.model,
+                      precompute=cfg.precompute_ref_log_probs, sync=sync, trust_remote_code=cfg.trust_remote_code)
+    algo = DPO(cfg, tok.pad_token_id, reference)
+    algo.precompute_reference(model, pairs, *([eval_pairs] if eval_pairs else []))
     if is_main():
-        log.info(f"dpo: loss {'+'.join(cfg.loss_type)}, beta {cfg.beta}, reference: {algo.strategy}")
+        log.info(f"dpo: loss {'+'.join(cfg.loss_type)}, beta {cfg.beta}, reference: {reference.strategy}")
     return Engine(cfg, model, tok, algo, pairs, eval_pairs).train()

@@ -12,7 +12,8 @@ The variants are settings, not copies (`posttrain.losses.policy`):
 
 One optimizer step: generate G completions for each of `batch_size` prompts with the current policy
 (KV cache, prompt prefilled once per group), score them, compute advantages, then take
-`num_iterations` optimizer steps on that batch. With num_iterations = 1 the "old" policy is the current
+`num_iterations` optimizer steps on that batch (`GRPO.prepare` names each step; sampling, scoring and
+dynamic sampling are the shared steps of `posttrain.rollout.groups`). With num_iterations = 1 the "old" policy is the current
 one, so the ratio is exactly 1 and no extra forward is needed (the gradient of exp(logp - sg(logp)) is
 the policy gradient). With more iterations the rollout's own sampling log-probs serve as the old log-probs.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -28,22 +30,28 @@ import torch
 
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import load_train_eval
-from posttrain.data.tokenize import encode_prompt
-from posttrain.engine import Algorithm, Engine, all_reduce_sum, is_main
+from posttrain.engine import Algorithm, Engine, Global, Max, Mean, Min, Prepared, Sum
+from posttrain.evaluate import evaluate_prompts
 from posttrain.logprobs import shared_prefix_token_logps
 from posttrain.losses.policy import AGGREGATIONS, group_advantages, group_stats, loss_denominator, policy_loss
-from posttrain.models import frozen_copy, is_peft, prepare_model
-from posttrain.parallel import gather_rows
+from posttrain.models import prepare_model
+from posttrain.parallel import gather_rows, is_main
+from posttrain.reference import Reference, build
 from posttrain.rollout.generate import HFEngine
-from posttrain.rollout.rewards import compute_rewards, load_reward_funcs
+from posttrain.rollout.groups import (
+    PromptExample,
+    ScoredRollout,
+    filter_groups,
+    prompt_examples,
+    prompt_seed,
+    sample,
+    score,
+)
+from posttrain.rollout.rewards import BUILTIN_FORMAT_PATTERN, load_reward_funcs
 
 log = logging.getLogger("posttrain")
 
 DEFAULT_DATASET = "arithmetic"
-# The built-in task asks for only the final number. Partial credit for a short one-line reply that ends in a
-# number ("47 + 38 = 85" counts): the small model almost never replies with a bare number at first, so a
-# bare-number pattern gives no signal, and a heavy format reward is learned instead of the arithmetic.
-BUILTIN_FORMAT_PATTERN = r"^[^\n]{0,40}?-?\d+\.?\s*$"
 BUILTIN_REWARD_WEIGHTS = [1.0, 0.2]  # accuracy, format
 
 
@@ -115,14 +123,6 @@ class Config(TrainConfig):
 
 
 @dataclass
-class PromptExample:
-    index: int
-    prompt: object  # text or messages, as in the data
-    prompt_ids: list[int]
-    columns: dict  # the row's other columns (e.g. `answer`) for reward functions
-
-
-@dataclass
 class RolloutBatch:
     """A micro-batch of scored completions. Prompts are kept once (rows point at them) so the training
     forward runs each prompt once per micro-batch (`shared_prefix_token_logps`).
@@ -150,21 +150,25 @@ class RolloutBatch:
         return sum(len(p) for p in self.prompts) + int(self.completion_mask.sum())
 
 
-def split_micro_batches(prompt_ids: list[list[int]], G: int, completion_ids, completion_mask, advantages, old_logps,
-                        size: int) -> list[RolloutBatch]:
-    """Cut N = len(prompt_ids) * G rows into micro-batches of `size` rows, trimming padding columns."""
+def to_micro_batches(scored: ScoredRollout, advantages: torch.Tensor, size: int, *, mask: torch.Tensor | None = None,
+                     old_logps: torch.Tensor | None = None) -> list[RolloutBatch]:
+    """Cut the rollout's rows into micro-batches of `size` rows (a micro-batch may span groups), trimming
+    padding columns. `mask` replaces the completion mask (e.g. truncated rows masked out); `old_logps` are
+    the log-probs the ratio is taken against (None: on-policy)."""
+    G = scored.group_size
+    mask = scored.completion_mask if mask is None else mask
     out = []
-    N = completion_ids.shape[0]
+    N = scored.completion_ids.shape[0]
     for s in range(0, N, size):
         rows = torch.arange(s, min(s + size, N))
         groups = sorted({int(r) // G for r in rows})
         local = {g: j for j, g in enumerate(groups)}
-        width = max(int(completion_mask[rows].sum(-1).max()), 1)
+        width = max(int(mask[rows].sum(-1).max()), 1)
         out.append(RolloutBatch(
-            [prompt_ids[g] for g in groups],
+            [scored.prompts[g].prompt_ids for g in groups],
             torch.tensor([local[int(r) // G] for r in rows]),
-            completion_ids[rows, :width],
-            completion_mask[rows, :width],
+            scored.completion_ids[rows, :width],
+            mask[rows, :width],
             advantages[rows],
             None if old_logps is None else old_logps[rows, :width],
             None,
@@ -173,166 +177,146 @@ def split_micro_batches(prompt_ids: list[list[int]], G: int, completion_ids, com
 
 
 class GRPO(Algorithm):
-    def __init__(self, cfg: Config, tokenizer, reward_funcs, prompts: list[PromptExample], ref_model=None):
-        self.cfg, self.tok, self.funcs, self.prompts, self.ref_model = cfg, tokenizer, reward_funcs, prompts, ref_model
+    """One optimizer-step batch is prepared in named steps (`prepare`):
+
+        sample -> score (`rollout`), dynamic sampling's filter and further rounds (`collect`),
+        -> advantages -> micro-batches (+ reference log-probs when beta > 0)
+
+    `make_engine(model, tokenizer)` builds the `GenerationEngine` that samples (default: `HFEngine`).
+    """
+
+    def __init__(self, cfg: Config, tokenizer, reward_funcs, prompts: list[PromptExample],
+                 reference: Reference | None = None, make_engine=None):
+        self.cfg, self.tok, self.funcs, self.prompts = cfg, tokenizer, reward_funcs, prompts
+        self.reference = reference or Reference()
+        self.make_engine = make_engine or HFEngine
         self.steps_per_batch = cfg.num_iterations
         self.weights = cfg.reward_weights
-        self._step_metrics: dict = {}
-        self._samples: list[dict] = []
-        self._round = 0
+        self._round = 0  # generation rounds so far: part of every prompt's sampling seed
 
-    # --- rollout ---------------------------------------------------------------------------------------
-    def _seed(self, example: PromptExample) -> int:
-        # Per prompt and per generation round: the same completions whatever else shares the batch or rank.
-        return (self.cfg.seed * 1_000_003 + self._round * 7919 + example.index) % (2**63 - 1)
+    # --- the steps of one prepared batch ---------------------------------------------------------------
+    def rollout(self, model, prompts: list[PromptExample]) -> ScoredRollout:
+        """One generation round: G completions of each prompt, scored by the reward functions."""
+        cfg = self.cfg
+        seeds = [prompt_seed(cfg.seed, self._round, e.index) for e in prompts]
+        out = sample(self.make_engine(model, self.tok), prompts, cfg.num_generations, seeds=seeds,
+                     max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                     top_k=cfg.top_k)
+        self._round += 1
+        return score(self.funcs, prompts, out, weights=self.weights, timeout=cfg.reward_timeout)
 
-    def _sample(self, model, examples: list[PromptExample]):
-        cfg, G = self.cfg, self.cfg.num_generations
-        engine = HFEngine(model, self.tok)
-        rollout = engine.generate(
-            [e.prompt_ids for e in examples], G, max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seeds=[self._seed(e) for e in examples],
-        )
-        prompts = [e.prompt for e in examples for _ in range(G)]
-        columns = {k: [e.columns.get(k) for e in examples for _ in range(G)] for k in examples[0].columns}
-        columns["completion_lengths"] = rollout.completion_lengths.tolist()
-        columns["truncated"] = rollout.truncated.tolist()
-        scored = compute_rewards(self.funcs, prompts, rollout.texts, columns, weights=self.weights, timeout=cfg.reward_timeout)
-        return rollout, scored
-
-    def prepare(self, model, examples: list[PromptExample]) -> list:
-        cfg, G = self.cfg, self.cfg.num_generations
-        t0 = time.time()
-        groups = []  # (example, rollout rows) kept for this step
-        rounds = 0
-        pool = list(examples)
-        gen_rounds_metrics = {"failures": 0, "timeouts": 0}
-        while True:
-            rollout, scored = self._sample(model, pool)
-            self._round += 1
-            rounds += 1
-            gen_rounds_metrics["failures"] += sum(scored.failures.values())
-            gen_rounds_metrics["timeouts"] += sum(scored.timeouts.values())
-            for j, e in enumerate(pool):
-                sl = slice(j * G, (j + 1) * G)
-                groups.append((e, rollout, sl, scored))
-            if not cfg.dynamic_sampling:
-                break
-            per_reward = cfg.multi_objective_aggregation == "normalize_then_sum"
-            groups = [g for g in groups if _has_signal(g[3].rewards[g[2]], self.weights, per_reward)]
-            if len(groups) >= len(examples) or rounds >= cfg.max_sampling_rounds:
-                if len(groups) < len(examples) and is_main():
-                    log.warning(f"dynamic sampling: {len(groups)}/{len(examples)} groups with reward variance after {rounds} rounds")
-                if not groups:  # nothing informative at all: train on the last round (advantages are 0)
-                    groups = [(e, rollout, slice(j * G, (j + 1) * G), scored) for j, e in enumerate(pool)]
-                groups = groups[: len(examples)]
-                break
-            g = torch.Generator().manual_seed(self._seed(pool[0]))
+    def collect(self, model, examples: list[PromptExample]) -> tuple[ScoredRollout, list[ScoredRollout]]:
+        """The step's groups, and every round as sampled. Without dynamic sampling: one round of `examples`.
+        With it: keep the groups that have a signal (`filter_groups`) and sample more prompts, drawn from the
+        whole dataset, until `len(examples)` groups are kept or `max_sampling_rounds` is reached."""
+        cfg = self.cfg
+        rounds = [self.rollout(model, examples)]
+        if not cfg.dynamic_sampling:
+            return rounds[0], rounds
+        per_reward = cfg.multi_objective_aggregation == "normalize_then_sum"
+        kept = [filter_groups(rounds[0], self.weights, per_reward)]
+        while sum(len(k) for k in kept) < len(examples) and len(rounds) < cfg.max_sampling_rounds:
             # Without replacement: a prompt drawn twice would get the same seed and so the same completions.
+            g = torch.Generator().manual_seed(prompt_seed(cfg.seed, self._round, rounds[-1].prompts[0].index))
             pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
-        gen_seconds = time.time() - t0
+            rounds.append(self.rollout(model, pool))
+            kept.append(filter_groups(rounds[-1], self.weights, per_reward))
+        groups = ScoredRollout.cat(kept, self.tok.pad_token_id)
+        if len(groups) < len(examples) and is_main():
+            log.warning(f"dynamic sampling: {len(groups)}/{len(examples)} groups with reward variance after "
+                        f"{len(rounds)} rounds")
+        if not len(groups):  # nothing informative at all: train on the last round (advantages are 0)
+            return rounds[-1], rounds
+        return groups.select(list(range(min(len(groups), len(examples))))), rounds
 
-        rewards = torch.cat([s.rewards[sl] for _, _, sl, s in groups])  # [N, R]
-        comp_ids = [r.completion_ids[sl] for _, r, sl, _ in groups]
-        width = max(c.shape[1] for c in comp_ids)
-
-        def stack(tensors, value):
-            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
-
-        rollout = _Merged(
-            completion_ids=stack(comp_ids, self.tok.pad_token_id),
-            completion_mask=stack([r.completion_mask[sl] for _, r, sl, _ in groups], 0),
-            logps=stack([r.logps[sl] for _, r, sl, _ in groups], 0.0),
-            truncated=torch.cat([r.truncated[sl] for _, r, sl, _ in groups]),
-            texts=[t for _, r, sl, _ in groups for t in r.texts[sl]],
-        )
-        kept = [e for e, _, _, _ in groups]
-        # Several processes: every rank's groups (whole groups per rank), so batch statistics (scale_rewards
-        # =batch, GDPO's batch normalisation, the reward metrics) are over the global batch.
-        all_rewards, start = gather_rows(rewards)
+    def advantages(self, scored: ScoredRollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages [N] of this rank's rows, the rewards [N_all, R] of every rank's rows). Several processes:
+        the statistics are over the global batch (whole groups per rank), for scale_rewards=batch and GDPO."""
+        cfg = self.cfg
+        all_rewards, start = gather_rows(scored.rewards)
         advantages = group_advantages(
-            all_rewards, G, scale=cfg.scale_rewards, std=cfg.std, aggregation=cfg.multi_objective_aggregation,
-            reward_weights=self.weights,
-        )[start : start + len(rewards)]
-        stats = group_stats(all_rewards, G, scale=cfg.scale_rewards, std=cfg.std,
+            all_rewards, cfg.num_generations, scale=cfg.scale_rewards, std=cfg.std,
+            aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights,
+        )[start : start + len(scored.rewards)]
+        return advantages, all_rewards
+
+    def rollout_metrics(self, scored: ScoredRollout, rounds: list[ScoredRollout], all_rewards: torch.Tensor) -> dict:
+        """TRL's reward and completion metrics of the step (see `group_stats`), plus the reward-call failures."""
+        cfg = self.cfg
+        stats = group_stats(all_rewards, cfg.num_generations, scale=cfg.scale_rewards, std=cfg.std,
                             aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights)
-        mask = rollout.completion_mask
-        if cfg.mask_truncated_completions:
-            mask = mask * (~rollout.truncated).long()[:, None]
-        old = rollout.logps if cfg.num_iterations > 1 else None
-        lengths = gather_rows(rollout.completion_mask.sum(-1).float())[0]
-        truncated = gather_rows(rollout.truncated)[0]
-        failures = all_reduce_sum(torch.tensor([gen_rounds_metrics["failures"], gen_rounds_metrics["timeouts"]],
-                                               dtype=torch.float64))
+        lengths = scored.completion_mask.sum(-1).float()
+        n = len(lengths)
         m = {
-            "reward": float(stats["reward"]),
-            "reward_std": float(stats["reward_std"]),
-            "frac_reward_zero_std": float(stats["frac_reward_zero_std"]),
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(truncated.float().mean()),
-            "reward_failures": float(failures[0]),
-            "reward_timeouts": float(failures[1]),
-            "generation_seconds": gen_seconds,
-            "sampling_rounds": float(rounds),
+            # From every rank's rewards (gathered for the advantages): already the global batch's statistics.
+            "reward": Global(stats["reward"]),
+            "reward_std": Global(stats["reward_std"]),
+            "frac_reward_zero_std": Global(stats["frac_reward_zero_std"]),
+            "completions/mean_length": Mean(lengths.mean(), n),
+            "completions/min_length": Min(lengths.min()),
+            "completions/max_length": Max(lengths.max()),
+            "completions/clipped_ratio": Mean(scored.truncated.float().mean(), n),
+            "reward_failures": Sum(sum(r.failures for r in rounds)),
+            "reward_timeouts": Sum(sum(r.timeouts for r in rounds)),
+            "sampling_rounds": Max(len(rounds)),
         }
         for j, (name, _) in enumerate(self.funcs):
             col = all_rewards[:, j]
             col = col[~col.isnan()]
-            m[f"rewards/{name}/mean"] = float(col.mean()) if len(col) else float("nan")
-            m[f"rewards/{name}/std"] = float(col.std()) if len(col) > 1 else float("nan")  # unbiased, as TRL
-        self._step_metrics = m
-        if cfg.log_completions and is_main():
-            self._log_completions(kept, rollout.texts, rewards, advantages)
-        self._samples = self._pick_samples(kept, rollout.texts, rewards, advantages) if is_main() else []
+            m[f"rewards/{name}/mean"] = Global(col.mean() if len(col) else float("nan"))
+            m[f"rewards/{name}/std"] = Global(col.std() if len(col) > 1 else float("nan"))  # unbiased, as TRL
+        return m
 
-        micro = split_micro_batches([e.prompt_ids for e in kept], G, rollout.completion_ids, mask, advantages, old,
-                                    cfg.micro_batch_size)
-        if cfg.beta > 0:
-            with torch.no_grad():
-                for mb in micro:
-                    mb.ref_logps = self._reference_logps(model, mb)
-        self._step_metrics["prepare_seconds"] = time.time() - t0
-        return micro
+    def prepare(self, model, examples: list[PromptExample]) -> Prepared:
+        cfg = self.cfg
+        t0 = time.time()
+        scored, rounds = self.collect(model, examples)
+        generation_seconds = time.time() - t0
+        advantages, all_rewards = self.advantages(scored)
+        metrics = self.rollout_metrics(scored, rounds, all_rewards)
+        metrics["generation_seconds"] = Max(generation_seconds)
+        if cfg.log_completions and is_main():
+            self._log_completions(scored, advantages)
+        samples = self._pick_samples(scored, advantages) if is_main() else []
+        mask = scored.completion_mask
+        if cfg.mask_truncated_completions:
+            mask = mask * (~scored.truncated).long()[:, None]
+        micro = to_micro_batches(scored, advantages, cfg.micro_batch_size, mask=mask,
+                                 old_logps=scored.logps if cfg.num_iterations > 1 else None)
+        for mb in micro:  # beta > 0: the KL term's reference, scored like the policy (same temperature)
+            mb.ref_logps = self.reference.logps(model, lambda m, mb=mb: self._logps(m, mb).logps)
+        metrics["prepare_seconds"] = Max(time.time() - t0)
+        return Prepared(micro, metrics, samples)
 
     def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False):
         return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
                                          self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats)
 
-    def _reference_logps(self, model, mb: RolloutBatch) -> torch.Tensor:
-        if self.ref_model is None:  # LoRA: the base model is the reference
-            with model.disable_adapter():
-                return self._logps(model, mb).logps
-        return self._logps(self.ref_model, mb).logps
-
     def _temp(self) -> float:
         return self.cfg.temperature if self.cfg.temperature > 0 else 1.0
 
-    def _pick_samples(self, kept, texts, rewards, advantages) -> list[dict]:
+    def _pick_samples(self, scored: ScoredRollout, advantages: torch.Tensor) -> list[dict]:
         """`num_completions_to_print` of this rank's completions, spread evenly over its prompts."""
-        n, G = min(self.cfg.num_completions_to_print, len(texts)), self.cfg.num_generations
+        texts, G = scored.texts, scored.group_size
+        n = min(self.cfg.num_completions_to_print, len(texts))
         names = [name for name, _ in self.funcs]
         out = []
         for i in sorted({k * len(texts) // n for k in range(n)}) if n else []:
-            prompt = kept[i // G].prompt
-            values = [None if v != v else round(v, 6) for v in rewards[i].tolist()]
+            prompt = scored.prompts[i // G].prompt
+            values = [None if math.isnan(v) else round(v, 6) for v in scored.rewards[i].tolist()]
             out.append({"prompt": prompt if isinstance(prompt, str) else prompt[-1].get("content", ""),
                         "completion": texts[i], "rewards": dict(zip(names, values)),
                         "advantage": round(float(advantages[i]), 6)})
         return out
 
-    def completion_samples(self) -> list[dict]:
-        return self._samples
-
-    def _log_completions(self, kept, texts, rewards, advantages) -> None:
-        G = self.cfg.num_generations
+    def _log_completions(self, scored: ScoredRollout, advantages: torch.Tensor) -> None:
+        G = scored.group_size
         out = self.cfg.resolved_output_dir() + "/completions.jsonl"
         with open(out, "a") as f:
-            for i, text in enumerate(texts):
-                e = kept[i // G]
-                row = {"prompt_index": e.index, "completion": text,
-                       "rewards": [None if v != v else v for v in rewards[i].tolist()], "advantage": float(advantages[i])}
+            for i, text in enumerate(scored.texts):
+                row = {"prompt_index": scored.prompts[i // G].index, "completion": text,
+                       "rewards": [None if math.isnan(v) else v for v in scored.rewards[i].tolist()],
+                       "advantage": float(advantages[i])}
                 f.write(json.dumps(row) + "\n")
 
     # --- loss --------------------------------------------------------------------------------------------
@@ -355,46 +339,23 @@ class GRPO(Algorithm):
         )
         if bnpo:
             loss = loss / total_items
-        result = {k: float(v) for k, v in metrics.items()}
-        result["entropy"] = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
-        return loss, result
-
-    def step_metrics(self) -> dict:
-        return self._step_metrics
+        metrics["entropy"] = (out.entropy * mask).sum() / mask.sum().clamp(min=1)
+        # Micro-batch means (over tokens, or sequences at the sequence level), weighted like the loss.
+        weight = self.num_items(mb)
+        return loss, {k: Mean(v, weight) for k, v in metrics.items()}
 
     # The sampling seeds count generation rounds: a resumed run must go on from the same round.
     def state_dict(self) -> dict:
-        return {"round": self._round}
+        return {"round": self._round, **self.reference.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._round = int(state.get("round", 0))
+        self.reference.load_state_dict(state)
 
     def evaluate(self, model, examples: list) -> dict:
-        from posttrain.evaluate import evaluate_prompts
-
         report = evaluate_prompts(model, self.tok, examples, self.funcs, max_new_tokens=self.cfg.max_completion_length,
-                                  batch_size=self.cfg.eval_batch_size)
+                                  batch_size=self.cfg.eval_batch_size, make_engine=self.make_engine)
         return report["metrics"]
-
-
-class _Merged:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def _has_signal(group_rewards: torch.Tensor, weights=None, per_reward: bool = False) -> bool:
-    """A group teaches something when the quantity its advantages normalise varies (unscorable rows ignored):
-    the WEIGHTED total of the rewards (GRPO; unweighted, (1, 0) and (0, 1) would look equal under weights
-    (1, 0.2)), or any single reward (GDPO normalises each reward within the group)."""
-    r = group_rewards[~group_rewards.isnan().all(-1)]
-    if r.shape[0] < 2:
-        return False
-    if per_reward:
-        columns = [c[~c.isnan()] for c in r.T]
-        return any(c.numel() >= 2 and bool((c != c[0]).any()) for c in columns)
-    w = torch.ones(r.shape[1]) if weights is None else torch.as_tensor(weights, dtype=r.dtype)
-    total = (r * w).nansum(-1)
-    return bool((total != total[0]).any())
 
 
 def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[str]:
@@ -405,29 +366,6 @@ def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[s
     if not has_answer:
         raise UserError("reward_funcs: none given and the data has no `answer` column to check accuracy against")
     return ["accuracy", "format"] if builtin else ["accuracy"]
-
-
-def prompt_examples(ds, tok, cfg) -> list[PromptExample]:
-    """Tokenized prompts (+ their other columns). Plain-text prompts become a user turn when `chat_prompts`
-    is on and the tokenizer has a chat template: instruction-tuned models answer far better that way."""
-    out = []
-    max_prompt_length = cfg.max_prompt_length
-    for i, row in enumerate(ds.rows):
-        data = row.data
-        prompt = data["prompt"]
-        if cfg.prompt_suffix:
-            if isinstance(prompt, str):
-                prompt = prompt + cfg.prompt_suffix
-            else:
-                prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + cfg.prompt_suffix}]
-        as_chat = isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template
-        # Reward functions see the prompt as the data has it (text stays text, as in TRL).
-        ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt)
-        if max_prompt_length and len(ids) > max_prompt_length:
-            ids = ids[-max_prompt_length:]
-        cols = {k: v for k, v in data.items() if k not in ("prompt", "completion", "chosen", "rejected")}
-        out.append(PromptExample(i, prompt, ids, cols))
-    return out
 
 
 def run(cfg: Config):
@@ -449,10 +387,7 @@ def run(cfg: Config):
     tok, model = prepare_model(cfg)
     prompts = prompt_examples(train, tok, cfg)
     eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
-    ref_model = None
-    if cfg.beta > 0 and not is_peft(model):
-        ref_model = frozen_copy(model)
-    algo = GRPO(cfg, tok, funcs, prompts, ref_model)
+    algo = GRPO(cfg, tok, funcs, prompts, build(model, needed=cfg.beta > 0))
     if is_main():
         log.info(f"grpo: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
                  f"loss {cfg.loss_type}, beta {cfg.beta}")

@@ -24,48 +24,39 @@ example's own log-ratio; TRL refuses that size). One estimate per step keeps thi
 the update does not depend on the split, and fixed pairs let `precompute_ref_log_probs` store the reference
 side of z0 too, so precomputed and live references give the same numbers.
 
-Reference strategies, as dpo.py: `precomputed` (one pass before training over the examples and their
-mismatched sequences, cached on disk; no reference in memory), `adapter` (LoRA: the same model with the
-adapter disabled), `copy` (a frozen copy of the starting policy, or `ref_model: PATH`).
+The reference (`posttrain.reference`), as for DPO: `precomputed` (one pass before training over the examples
+and their mismatched sequences, cached on disk; no reference in memory), `adapter` (LoRA: the same model with
+the adapter disabled), `copy` (a frozen copy of the starting policy, or `ref_model: PATH`).
 
 Metrics (TRL names, eval with `eval/`): rewards/chosen and rewards/rejected (mean beta * r over the step's
 desirable / undesirable examples), rewards/margins (their difference), logps/chosen and logps/rejected (mean
 summed log-prob), count/desirable and count/undesirable, kl (z0). All are exact over the whole step on every
-process: micro-batches add up sums and counts, and `step_metrics` adds them over the processes before it
-divides (an average of per-micro-batch or per-process ratios would weight the examples unevenly).
+process: each micro-batch reports its means weighted by its number of desirable (or undesirable) examples,
+which the engine adds up over micro-batches and processes (an unweighted average of per-micro-batch means
+would weight the examples unevenly), and the margin is taken from the two step means (`derived_metrics`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.dpo import reference_pass
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.formats import Dataset, Row
 from posttrain.data.tokenize import Encoded, LMBatch, collate, encode_pair, truncate_pair
-from posttrain.engine import Algorithm, Engine, all_reduce_sum, is_main
+from posttrain.engine import Algorithm, Engine, Global, Mean, Sum, reduce_metrics
 from posttrain.logprobs import token_logps
 from posttrain.losses.kto import desirable_ratio_warning, kl_estimate, kto_loss
-from posttrain.models import cache_dir, frozen_copy, load_model, prepare_model, resolve_model_path
+from posttrain.models import prepare_model
+from posttrain.parallel import all_reduce_sum, is_main
+from posttrain.reference import Reference, build
 
 log = logging.getLogger("posttrain")
 
 DEFAULT_DATASET = "arithmetic"
-_SUM_KEYS = (
-    "rewards/chosen_sum",
-    "rewards/rejected_sum",
-    "logps/chosen_sum",
-    "logps/rejected_sum",
-    "count/chosen",
-    "count/rejected",
-)
 
 
 @dataclass
@@ -192,10 +183,13 @@ def encode_examples(tok, ds: Dataset, cfg: TrainConfig) -> list[KTOExample]:
     return build_examples(encode_dataset(ds, encode), cfg.max_length, cfg.max_prompt_length)
 
 
+def _stored(values: list) -> torch.Tensor | None:
+    """Precomputed reference values as a tensor, or None when nothing was precomputed."""
+    return None if values[0] is None else torch.tensor(values, dtype=torch.float32)
+
+
 def collate_examples(examples: list[KTOExample], pad_id: int, z0: float) -> KTOBatch:
-    ref = None
-    if examples[0].ref_logp is not None:
-        ref = torch.tensor([e.ref_logp for e in examples], dtype=torch.float32)
+    ref = _stored([e.ref_logp for e in examples])
     labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return KTOBatch(collate([e.seq for e in examples], pad_id), labels, ref, z0)
 
@@ -208,39 +202,28 @@ def _sums(model, batch: LMBatch) -> torch.Tensor:
     return token_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask).sums()
 
 
-def summarize(sums: dict) -> dict:
-    """Step (or eval) means from the added-up sums and counts of `kto_loss`'s metrics."""
-    n_d, n_u = sums["count/chosen"], sums["count/rejected"]
-    out = {"count/desirable": n_d, "count/undesirable": n_u}
-    if n_d:
-        out["rewards/chosen"] = sums["rewards/chosen_sum"] / n_d
-        out["logps/chosen"] = sums["logps/chosen_sum"] / n_d
-    if n_u:
-        out["rewards/rejected"] = sums["rewards/rejected_sum"] / n_u
-        out["logps/rejected"] = sums["logps/rejected_sum"] / n_u
-    if n_d and n_u:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    return out
+def _metrics(res) -> dict:
+    """Declared metrics of one batch from `kto_loss`'s sums and counts: each side's means weighted by its
+    example count (a side with no example here has weight 0 and adds nothing)."""
+    m = {k: float(v) for k, v in res.metrics.items()}
+    n_d, n_u = m["count/chosen"], m["count/rejected"]
+    return {
+        "count/desirable": Sum(n_d),
+        "count/undesirable": Sum(n_u),
+        "rewards/chosen": Mean(m["rewards/chosen_sum"] / max(n_d, 1), n_d),
+        "logps/chosen": Mean(m["logps/chosen_sum"] / max(n_d, 1), n_d),
+        "rewards/rejected": Mean(m["rewards/rejected_sum"] / max(n_u, 1), n_u),
+        "logps/rejected": Mean(m["logps/rejected_sum"] / max(n_u, 1), n_u),
+    }
 
 
 class KTO(Algorithm):
-    def __init__(self, cfg: Config, pad_id: int, ref_model=None):
-        self.cfg, self.pad_id, self.ref_model = cfg, pad_id, ref_model
-        self._sums: dict[str, float] = {}
+    def __init__(self, cfg: Config, pad_id: int, reference: Reference):
+        self.cfg, self.pad_id, self.reference = cfg, pad_id, reference
 
-    @property
-    def strategy(self) -> str:
-        if self.cfg.precompute_ref_log_probs:
-            return "precomputed"
-        return "copy" if self.ref_model is not None else "adapter"
-
-    def reference_sums(self, model, batch: LMBatch) -> torch.Tensor:
-        """Reference log-prob sums of a batch: the frozen copy, or the policy with its adapter disabled."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return _sums(self.ref_model, batch)
-            with model.disable_adapter():
-                return _sums(model, batch)
+    def reference_sums(self, model, batch: LMBatch, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference log-prob sums of a batch's sequences (`stored`: their precomputed values, if any)."""
+        return self.reference.logps(model, lambda m: _sums(m, batch), stored=stored)
 
     def kl_logps(self, model, examples: list[KTOExample], size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference log-prob sums [N] of the examples' mismatched sequences, no gradient."""
@@ -250,10 +233,8 @@ class KTO(Algorithm):
                 chunk = examples[i : i + size]
                 batch = collate([e.kl_seq for e in chunk], self.pad_id)
                 policy.append(_sums(model, batch))
-                if self.strategy == "precomputed":
-                    ref.append(torch.tensor([e.ref_kl_logp for e in chunk], dtype=torch.float32, device=policy[-1].device))
-                else:
-                    ref.append(self.reference_sums(model, batch))
+                stored = _stored([e.ref_kl_logp for e in chunk])
+                ref.append(self.reference_sums(model, batch, stored).to(policy[-1].device))
         return torch.cat(policy), torch.cat(ref)
 
     def prepare(self, model, examples: list) -> list:
@@ -267,7 +248,7 @@ class KTO(Algorithm):
         return [collate_examples(examples[s : s + size], self.pad_id, z0) for s in range(0, len(examples), size)]
 
     def _compute(self, model, mb: KTOBatch):
-        ref = mb.ref_logps if mb.ref_logps is not None else self.reference_sums(model, mb.seqs)
+        ref = self.reference_sums(model, mb.seqs, mb.ref_logps)
         logps = _sums(model, mb.seqs)
         return kto_loss(
             logps,
@@ -281,57 +262,38 @@ class KTO(Algorithm):
 
     def loss(self, model, mb: KTOBatch, total_items: float):
         res = self._compute(model, mb)
-        for k in _SUM_KEYS:
-            self._sums[k] = self._sums.get(k, 0.0) + float(res.metrics[k])
-        return res.losses.sum() / total_items, {"kl": mb.z0}
+        # z0 is one all-reduced estimate for the whole step: the same in every micro-batch and process.
+        return res.losses.sum() / total_items, {"kl": Global(mb.z0), **_metrics(res)}
 
-    def step_metrics(self) -> dict:
-        totals = all_reduce_sum(torch.tensor([self._sums.get(k, 0.0) for k in _SUM_KEYS], dtype=torch.float64))
-        self._sums = {}
-        return summarize(dict(zip(_SUM_KEYS, totals.tolist())))
+    def derived_metrics(self, step: dict) -> dict:
+        if "rewards/chosen" in step and "rewards/rejected" in step:
+            return {"rewards/margins": step["rewards/chosen"] - step["rewards/rejected"]}
+        return {}
 
     def evaluate(self, model, examples: list) -> dict:
         size = self.cfg.eval_batch_size
         z0 = float(kl_estimate(*self.kl_logps(model, examples, size)))  # one estimate over the whole eval set
-        sums = dict.fromkeys(_SUM_KEYS, 0.0)
-        loss = 0.0
+        parts = []
         for s in range(0, len(examples), size):
             res = self._compute(model, collate_examples(examples[s : s + size], self.pad_id, z0))
-            loss += float(res.losses.sum())
-            for k in _SUM_KEYS:
-                sums[k] += float(res.metrics[k])
-        return {"loss": loss / len(examples), "kl": z0, **summarize(sums)}
+            parts.append({"loss": Mean(float(res.losses.sum()) / len(res.losses), len(res.losses)), **_metrics(res)})
+        out = {"kl": z0, **reduce_metrics(parts)}
+        return {**out, **self.derived_metrics(out)}
 
+    def precompute_reference(self, model, *datasets: list[KTOExample]) -> list[str]:
+        """With the precomputed strategy: fill every example's ref_logp / ref_kl_logp (one reference pass over
+        the examples and their mismatched sequences, or the disk cache) and release the reference model.
+        Returns where each dataset's values came from."""
 
-# ------------------------------------------------------------------------------------------------------
-# Precomputed reference log-probs
+        def score(ref, examples):  # [own completion, mismatched completion] per example
+            return torch.stack([_sums(ref, collate([e.seq for e in examples], self.pad_id)),
+                                _sums(ref, collate([e.kl_seq for e in examples], self.pad_id))], dim=1)
 
+        def store(example, values):
+            example.ref_logp, example.ref_kl_logp = values
 
-def _cache_key(model_path: str, examples: list[KTOExample]) -> str:
-    """Model (path + weight file sizes and times) and the exact token sequences scored."""
-    h = hashlib.sha256(json.dumps(["kto", model_path]).encode())
-    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-    for f in weights:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for e in examples:
-        h.update(f"{e.seq.input_ids}|{e.seq.mask}|{e.kl_seq.input_ids}|{e.kl_seq.mask}".encode())
-    return h.hexdigest()[:24]
-
-
-def precompute_reference(cfg: Config, algo: KTO, model, examples: list[KTOExample]) -> str:
-    """Fill ref_logp / ref_kl_logp of every example (from the disk cache when the same model and data ran)."""
-    path = cache_dir() / "ref_logps" / f"kto-{_cache_key(resolve_model_path(cfg.ref_model or cfg.model), examples)}.pt"
-
-    def score(ref, start, stop):
-        chunk = examples[start:stop]
-        return torch.stack([_sums(ref, collate([e.seq for e in chunk], algo.pad_id)),
-                            _sums(ref, collate([e.kl_seq for e in chunk], algo.pad_id))], dim=1)
-
-    values, source = reference_pass(path, model, algo.ref_model, len(examples), cfg.eval_batch_size, score)
-    for e, (main, kl) in zip(examples, values.tolist()):
-        e.ref_logp, e.ref_kl_logp = main, kl
-    return source
+        return self.reference.precompute(model, datasets, name="kto", settings={}, sequences=lambda e: (e.seq, e.kl_seq),
+                                         score=score, store=store, size=self.cfg.eval_batch_size)
 
 
 def run(cfg: Config):
@@ -347,21 +309,12 @@ def run(cfg: Config):
     if warning and is_main():
         log.warning(f"kto: {warning}")
 
-    ref_model = None
-    if cfg.ref_model:
-        ref_model = load_model(cfg.ref_model, cfg.trust_remote_code)
-        ref_model.eval().requires_grad_(False)
-    elif cfg.lora is None and not cfg.precompute_ref_log_probs:
-        ref_model = frozen_copy(model)
-    algo = KTO(cfg, tok.pad_token_id, ref_model)
-    if cfg.precompute_ref_log_probs:
-        source = precompute_reference(cfg, algo, model, examples)
-        log.info(f"kto: reference log-probs for {len(examples)} examples: {source}")
-        if eval_examples:
-            precompute_reference(cfg, algo, model, eval_examples)
-        algo.ref_model = None  # nothing of the reference stays in memory
+    reference = build(model, path=cfg.ref_model, model_path=cfg.model, precompute=cfg.precompute_ref_log_probs,
+                      trust_remote_code=cfg.trust_remote_code)
+    algo = KTO(cfg, tok.pad_token_id, reference)
+    algo.precompute_reference(model, examples, *([eval_examples] if eval_examples else []))
     if is_main():
         n_undesirable = len(examples) - n_desirable
         log.info(f"kto: beta {cfg.beta}, {n_desirable} desirable / {n_undesirable} undesirable examples, "
-                 f"reference: {algo.strategy}")
+                 f"reference: {reference.strategy}")
     return Engine(cfg, model, tok, algo, examples, eval_examples).train()

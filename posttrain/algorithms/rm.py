@@ -36,10 +36,11 @@ import torch
 from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import encode_prompt, is_conversation
-from posttrain.engine import Algorithm, Engine, all_reduce_max, is_main
+from posttrain.engine import Algorithm, Engine, Max, Mean, Min
 from posttrain.logprobs import hidden_states
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models import prepare_model, unwrap
+from posttrain.parallel import is_main
 
 log = logging.getLogger("posttrain")
 
@@ -180,7 +181,6 @@ def collate_rm(pairs: list[RMPair], pad_id: int, with_margin: bool) -> RMBatch:
 class RewardModel(Algorithm):
     def __init__(self, cfg: Config, pad_id: int, with_margin: bool = False):
         self.cfg, self.pad_id, self.with_margin = cfg, pad_id, with_margin
-        self._low, self._high = math.inf, -math.inf
 
     def _batches(self, pairs: list[RMPair], size: int) -> list[RMBatch]:
         return [collate_rm(pairs[s : s + size], self.pad_id, self.with_margin) for s in range(0, len(pairs), size)]
@@ -195,18 +195,11 @@ class RewardModel(Algorithm):
 
     def loss(self, model, mb: RMBatch, total_items: float):
         losses, metrics = self._compute(model, mb)
-        # Means over pairs: the engine's pair-weighted average over micro-batches is the step's exact mean.
-        out = {k: float(metrics[k]) for k in ("accuracy", "margin", "mean_reward")}
-        # The step's min / max reward (not an average of per-micro-batch minima): tracked over the micro-batches
-        # here, over the processes in step_metrics.
-        self._low = min(self._low, float(metrics["min_reward"]))
-        self._high = max(self._high, float(metrics["max_reward"]))
+        B = len(mb)
+        out = {k: Mean(metrics[k], B) for k in ("accuracy", "margin", "mean_reward")}  # means over pairs
+        # The step's extremes, not an average of per-micro-batch minima and maxima.
+        out.update(min_reward=Min(metrics["min_reward"]), max_reward=Max(metrics["max_reward"]))
         return losses.sum() / total_items, out
-
-    def step_metrics(self) -> dict:
-        low, high = all_reduce_max(torch.tensor([-self._low, self._high], dtype=torch.float64)).tolist()
-        self._low, self._high = math.inf, -math.inf
-        return {"min_reward": -low, "max_reward": high}
 
     def evaluate(self, model, examples: list) -> dict:
         chosen, rejected, margins = [], [], []

@@ -14,7 +14,7 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import collate, collate_packed, encode_sft_row, pack
-from posttrain.engine import Algorithm, Engine
+from posttrain.engine import Algorithm, Engine, Mean
 from posttrain.logprobs import token_logps
 from posttrain.models import prepare_model
 
@@ -51,7 +51,7 @@ class SFT(Algorithm):
         out = token_logps(model, mb.input_ids, mb.attention_mask, mb.loss_mask, mb.position_ids)
         nll_sum = -(out.logps * out.mask).sum()
         n = out.mask.sum().clamp(min=1)
-        return nll_sum / total_items, {"nll": float(nll_sum.detach() / n)}
+        return nll_sum / total_items, {"nll": Mean(nll_sum.detach() / n, self.num_items(mb))}  # a token mean
 
     def evaluate(self, model, examples: list) -> dict:
         nll, count = 0.0, 0.0

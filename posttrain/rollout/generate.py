@@ -1,7 +1,8 @@
 """Batched sampling of G completions per prompt for online RL (GRPO family), with a KV cache.
 
-``GenerationEngine`` is the seam between the trainers and whatever produces completions. ``HFEngine`` runs
-any transformers causal LM (a peft model too) in-process. A vLLM engine would be another class with the same
+``GenerationEngine`` is the seam between the trainers and whatever produces completions: GRPO and
+``evaluate_prompts`` take ``make_engine(model, tokenizer)``, ``HFEngine`` by default, which runs any
+transformers causal LM (a peft model too) in-process. A vLLM engine would be another class with the same
 ``generate`` method: it would push the policy weights to the vLLM worker before sampling, call
 ``LLM.generate`` with ``SamplingParams(n=G, temperature, top_p, top_k, max_tokens, seed)`` and
 ``logprobs=0`` (the sampled token's log-prob) and pack the outputs into the same ``Rollout``.
@@ -42,6 +43,12 @@ class GenerationEngine(Protocol):
         top_k: int = 0,
         seeds: list[int] | None = None,
     ) -> Rollout: ...
+
+
+def pad_cat(tensors: list[torch.Tensor], value) -> torch.Tensor:
+    """[N_i, T_i] tensors stacked along rows, each right-padded with `value` to the widest T."""
+    width = max(t.size(1) for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1)), value=value) for t in tensors])
 
 
 def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -137,14 +144,9 @@ class HFEngine:
                 ]
         finally:
             self.model.train(was_training)
-        width = max(p[0].size(1) for p in parts)
-
-        def pad(t, value):
-            return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
-
-        ids = torch.cat([pad(p[0], self.pad_id) for p in parts])
-        mask = torch.cat([pad(p[1], 0) for p in parts])
-        logps = torch.cat([pad(p[2], 0.0) for p in parts])
+        ids = pad_cat([p[0] for p in parts], self.pad_id)
+        mask = pad_cat([p[1] for p in parts], 0)
+        logps = pad_cat([p[2] for p in parts], 0.0)
         truncated = torch.cat([p[3] for p in parts])
         texts = self.tokenizer.batch_decode(
             [row[: int(n)].tolist() for row, n in zip(ids, mask.sum(-1))], skip_special_tokens=True)

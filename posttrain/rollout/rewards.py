@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_FORMAT_PATTERN = r"\\boxed\{.*\}"
 # A bare integer reply: the format the built-in arithmetic task's instruction asks for.
 ARITHMETIC_FORMAT_PATTERN = r"^\s*-?\d+\s*$"
+# What the `format` reward checks by default on the built-in arithmetic task (`posttrain grpo`, `posttrain
+# eval`): partial credit for a short one-line reply that ends in a number ("47 + 38 = 85" counts). The small
+# model almost never replies with a bare number at first, so the bare-number pattern above gives no signal,
+# and a heavy format reward is learned instead of the arithmetic.
+BUILTIN_FORMAT_PATTERN = r"^[^\n]{0,40}?-?\d+\.?\s*$"
 
 
 def _text(x) -> str:
@@ -163,8 +168,9 @@ def format_reward(prompts, completions, format_pattern: str | list[str] = DEFAUL
     With one pattern this is 1.0 or 0.0; a list of patterns gives partial credit (e.g. a reasoning block and
     a boxed answer: 0.5 for either alone). Partial credit is also what the weights in ``compute_rewards`` are
     for: the default pattern (contains ``\\boxed{...}``) at weight 0.2 next to ``accuracy`` at 1.0 pays a
-    well-formed wrong answer a fifth of a right one, a learning signal while accuracy is still rare. For the
-    built-in arithmetic task pass ``ARITHMETIC_FORMAT_PATTERN`` (the reply is a bare integer).
+    well-formed wrong answer a fifth of a right one, a learning signal while accuracy is still rare. On the
+    built-in arithmetic task `posttrain grpo` and `posttrain eval` check ``BUILTIN_FORMAT_PATTERN`` (a short
+    line ending in a number); ``ARITHMETIC_FORMAT_PATTERN`` is the strict form (a bare integer).
     """
     patterns = [format_pattern] if isinstance(format_pattern, str) else list(format_pattern)
     compiled = [re.compile(p, re.DOTALL) for p in patterns]
