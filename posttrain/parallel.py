@@ -18,6 +18,8 @@ transformer block and on the whole). NCCL between GPUs, gloo on CPU. The algorit
 - Steps without gradients. Generation, evaluation and reference-copy updates call the model in ways that
   differ between ranks (generation stops when a rank's own completions end), so under FSDP they run inside
   `gathered`: every parameter all-gathered once, no collective until it ends. With DDP nothing is needed.
+- Metrics. Each declares its reduction (`engine.Metric`); `reduce_metrics` combines every rank's at the end
+  of a step (three small collectives: the names, one sum, one max), so the logged value is the global step's.
 - State. Checkpoints: DDP's replicated weights and optimizer are written once by rank 0 (as in one process);
   FSDP's shards through torch.distributed.checkpoint (`save_sharded` / `load_sharded`), every rank its own
   part. The random-number state is saved per rank. Resuming needs the same number of processes.

@@ -42,8 +42,8 @@ def test_no_import_cycles():
 
 def test_readme_layout_names_every_module():
     text = README.read_text()
-    block = re.search(r"## Layout\s+```\n(.*?)```", text, re.S).group(1)
-    listed = set(re.findall(r"^\s{2}(\S+)", block, re.M))
+    block = re.search(r"## Layout\s+```\n(.*?)```", text, re.DOTALL).group(1)
+    listed = set(re.findall(r"^\s{2}(\S+)", block, re.MULTILINE))
     present = {p.name + "/" if p.is_dir() else p.name for p in PACKAGE.iterdir()
                if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.name != "__init__.py")}
     assert present - listed == set(), "modules missing from the README layout"
