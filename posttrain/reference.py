@@ -9,7 +9,7 @@ per-token rewards with it. Every algorithm asks its `Reference` in the same way:
 KTO, per-token log-probs for GRPO), and the strategy runs it on the right model, without gradients; so the
 reference is always scored exactly as the policy is (same packing, temperature, LD-DPO weighting).
 
-Strategies (`Reference.strategy`), chosen by `build` with one rule for every algorithm:
+Strategies (`Reference.strategy`), chosen by `build` with one rule for every algorithm (`choose`):
 
   none         nothing to compare against (reference-free losses: simpo, cpo, orpo; GRPO with beta = 0):
                `logps` returns None.
@@ -40,7 +40,7 @@ import torch
 
 from posttrain.data.tokenize import Encoded
 from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, resolve_model_path
-from posttrain.parallel import rank_world
+from posttrain.parallel import is_main
 
 log = logging.getLogger("posttrain")
 
@@ -48,7 +48,8 @@ log = logging.getLogger("posttrain")
 # 2: one key for every algorithm (name, model, settings, every token sequence with its mask).
 CACHE_VERSION = 2
 
-Score = Callable[[torch.nn.Module], torch.Tensor]
+Score = Callable[[torch.nn.Module], torch.Tensor]  # one batch's log-probs, computed on the model given
+ScoreExamples = Callable[[torch.nn.Module, list], torch.Tensor]  # [len(examples), k] values of some examples
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Reference:
         return None
 
     def precompute(self, policy, datasets: Iterable[list], *, name: str, settings: dict,
-                   sequences: Callable[[object], Iterable[Encoded]], score: Callable[[torch.nn.Module, list], torch.Tensor],
+                   sequences: Callable[[object], Iterable[Encoded]], score: ScoreExamples,
                    store: Callable[[object, list[float]], None], size: int) -> list[str]:
         """Fill the examples' `stored` values before training; only the precomputed strategy stores any
         (see `Precomputed.precompute`): the others have nothing to do and return []."""
@@ -182,7 +183,7 @@ class Precomputed(Reference):
         return stored
 
     def precompute(self, policy, datasets: Iterable[list], *, name: str, settings: dict,
-                   sequences: Callable[[object], Iterable[Encoded]], score: Callable[[torch.nn.Module, list], torch.Tensor],
+                   sequences: Callable[[object], Iterable[Encoded]], score: ScoreExamples,
                    store: Callable[[object, list[float]], None], size: int) -> list[str]:
         """Score every example of every dataset with the reference once (or read the values from the disk
         cache), hand each example its values, then release the reference model.
@@ -219,7 +220,7 @@ class Precomputed(Reference):
         with torch.no_grad(), adapter_off:
             values = torch.cat([score(model, examples[i : i + size]).cpu() for i in range(0, len(examples), size)])
         model.train(was_training)
-        if rank_world()[0] == 0:  # every process computed the same values; one writes them, atomically
+        if is_main():  # every process computed the same values; one writes them, atomically
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".tmp")
             torch.save(values, tmp)
@@ -248,22 +249,31 @@ class Precomputed(Reference):
                          note=f"{self.stored_values:,} precomputed values with the examples; no reference model")
 
 
+def choose(*, needed: bool = True, path: str | None = None, precompute: bool = False, lora: bool = False) -> str:
+    """The strategy `build` picks, from the settings alone (so the memory planner can ask before anything is
+    loaded): not `needed` -> none; `precompute` -> precomputed; `path` -> copy (of that model); a LoRA
+    policy -> adapter; otherwise -> copy (of the policy)."""
+    if not needed:
+        return "none"
+    if precompute:
+        return "precomputed"
+    return "adapter" if lora and not path else "copy"
+
+
 def build(policy, *, needed: bool = True, path: str | None = None, model_path: str | None = None,
           precompute: bool = False, sync: Sync | None = None, trust_remote_code: bool = False) -> Reference:
-    """The reference strategy of a run, by one rule for every algorithm:
-
-    not `needed` -> none;  `precompute` -> precomputed (scored by the model at `path`, else by the policy as
-    loaded from `model_path`, adapter off);  `path` -> a copy of that model;  a LoRA policy -> adapter;
-    otherwise -> a frozen copy of the policy. `sync` (TR-DPO) needs a copy."""
-    if not needed:
+    """The reference of a run, by one rule for every algorithm (`choose`). precomputed: the values come from
+    the model at `path`, else from the policy as loaded from `model_path` (adapter off); copy: a frozen copy
+    of the model at `path`, else of the policy, moved towards the policy when `sync` is given (TR-DPO)."""
+    kind = choose(needed=needed, path=path, precompute=precompute, lora=is_peft(policy))
+    if kind == "none":
         return Reference()
-    if precompute:
+    if kind == "precomputed":
         return Precomputed(path or model_path, path, trust_remote_code)
-    if path:
-        return Copy(load_model(path, trust_remote_code).eval().requires_grad_(False), sync)
-    if is_peft(policy):
+    if kind == "adapter":
         return AdapterOff()
-    return Copy(frozen_copy(policy), sync)
+    model = load_model(path, trust_remote_code).eval().requires_grad_(False) if path else frozen_copy(policy)
+    return Copy(model, sync)
 
 
 @torch.no_grad()

@@ -584,3 +584,6 @@ def test_resume_mid_batch_finishes_the_same_rollouts(tmp_path, tiny_model_dir, d
     wa, wd = final_weights(a), final_weights(d)
     assert all(torch.equal(wa[n], wd[n]) for n in wa)
     assert [r["loss"] for r in metrics(d)] == [r["loss"] for r in metrics(a)][1:]
+    # The rollout's metrics are saved with its batch: the resumed step 2 logs them as the uninterrupted run did.
+    for key in ("reward", "reward_std", "completions/mean_length", "sampling_rounds"):
+        assert [r[key] for r in metrics(d)] == [r[key] for r in metrics(a)][1:], key

@@ -18,7 +18,7 @@ from posttrain.data.tokenize import Encoded, collate
 from posttrain.engine import Engine
 from posttrain.logprobs import naive_token_logps, token_logps
 from posttrain.models import apply_lora, load_model
-from posttrain.reference import AdapterOff, Copy, Precomputed, Reference, Sync, build
+from posttrain.reference import AdapterOff, Copy, Precomputed, Reference, Sync, build, choose
 from posttrain.testing import save_tiny, tiny_model
 
 SEQS = [Encoded([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]), Encoded([11, 12, 13], [0, 1, 1])]
@@ -52,6 +52,12 @@ def moved(model, seed=1, scale=0.05):
 
 
 def test_build_picks_one_strategy_by_one_rule(tokenizer, tiny_model_dir, monkeypatch):
+    # The rule alone, as the memory planner asks it before loading anything.
+    assert choose(needed=False, path="p", precompute=True, lora=True) == "none"
+    assert choose(path="p", precompute=True) == choose(precompute=True, lora=True) == "precomputed"
+    assert choose(path="p", lora=True) == choose(path="p") == choose() == "copy"
+    assert choose(lora=True) == "adapter"
+
     policy = tiny_model(tokenizer)
     assert type(build(policy, needed=False, path=tiny_model_dir, precompute=True)) is Reference
     pre = build(policy, path=tiny_model_dir, model_path="unused", precompute=True)
