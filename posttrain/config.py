@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
+import logging
 import math
 import types
 import typing
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("posttrain")
 
 
 class UserError(Exception):
@@ -31,6 +35,38 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# report_to name -> (module to import, how to install it). Names as in TRL / transformers.
+TRACKERS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "trackio": ("trackio", "pip install trackio"),
+    "wandb": ("wandb", "pip install wandb"),
+}
+# Integrations transformers knows but posttrain does not log to: a TRL config naming them still runs.
+OTHER_INTEGRATIONS = {"azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "mlflow",
+                      "neptune", "swanlab"}
+
+
+def resolve_report_to(names: list, installed_only: bool = True) -> list[str]:
+    """TRL's `report_to` -> the trackers to open: 'all' means every supported one that is installed, 'none'
+    nothing. Unknown names are an error; integrations posttrain lacks are skipped with a warning."""
+    out: list[str] = []
+    for raw in names or []:
+        name = str(raw).strip().lower()
+        if name in ("none", ""):
+            continue
+        if name == "all":
+            out += [n for n, (module, _) in TRACKERS.items() if importlib.util.find_spec(module) is not None]
+        elif name in TRACKERS:
+            out.append(name)
+        elif name in OTHER_INTEGRATIONS:
+            if installed_only:
+                log.warning(f"report_to: {name} is not supported by posttrain (supported: {', '.join(TRACKERS)}); "
+                            "the run goes on without it")
+        else:
+            raise UserError(f"report_to: unknown tracker {raw!r} (one of: {', '.join(TRACKERS)}, all, none)")
+    return list(dict.fromkeys(out))
 
 
 @dataclass
@@ -165,8 +201,6 @@ class TrainConfig:
                 raise UserError(msg)
         if self.lora is not None and self.lora.r < 1:
             raise UserError("lora.r must be >= 1")
-        from posttrain.runlog import resolve_report_to
-
         resolve_report_to(self.report_to, installed_only=False)  # names are checked before any model loads
         d = self.diagnostics
         if d is not None and (d.window < 2 or d.sparse_reward_steps < 1 or d.collapse_within < 1):

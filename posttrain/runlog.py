@@ -17,41 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import UserError, config_to_dict
+from posttrain.config import TRACKERS, config_to_dict, resolve_report_to
 
 log = logging.getLogger("posttrain")
-
-# report_to name -> (module to import, how to install it). Names as in TRL / transformers.
-TRACKERS = {
-    "tensorboard": ("tensorboard", "pip install tensorboard"),
-    "trackio": ("trackio", "pip install trackio"),
-    "wandb": ("wandb", "pip install wandb"),
-}
-# Integrations transformers knows but posttrain does not log to: a TRL config naming them still runs.
-OTHER_INTEGRATIONS = {"azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "mlflow",
-                      "neptune", "swanlab"}
-
-
-def resolve_report_to(names: list, installed_only: bool = True) -> list[str]:
-    """TRL's `report_to` -> the trackers to open: 'all' means every supported one that is installed, 'none'
-    nothing. Unknown names are an error; integrations posttrain lacks are skipped with a warning."""
-    out: list[str] = []
-    for raw in names or []:
-        name = str(raw).strip().lower()
-        if name in ("none", ""):
-            continue
-        if name == "all":
-            out += [n for n, (module, _) in TRACKERS.items() if importlib.util.find_spec(module) is not None]
-        elif name in TRACKERS:
-            out.append(name)
-        elif name in OTHER_INTEGRATIONS:
-            if installed_only:
-                log.warning(f"report_to: {name} is not supported by posttrain (supported: {', '.join(TRACKERS)}); "
-                            "the run goes on without it")
-        else:
-            raise UserError(f"report_to: unknown tracker {raw!r} (one of: {', '.join(TRACKERS)}, all, none)")
-    return list(dict.fromkeys(out))
-
 
 def _scalars(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()
