@@ -203,3 +203,67 @@ def test_sample_draws_from_the_distribution():
     # rows that are not normalised (filtered logits' softmax is, but weights need not be)
     w = torch.tensor([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]])
     assert sample(w).tolist() == [1, 0]
+
+
+CHAT = ["What is 12 + 7?", "2 + 2 =", "Human: How do I bake bread?"]
+
+
+def _chat_prompt_ids(tokenizer):
+    """Prompts through the chat template with a system turn: a common start of well over PREFIX_MIN tokens."""
+    from posttrain.data.tokenize import encode_prompt
+
+    return [encode_prompt(tokenizer, [{"role": "system", "content": "You are a helpful assistant."},
+                                      {"role": "user", "content": t}]) for t in CHAT]
+
+
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(model, tokenizer, monkeypatch):
+    """A common chat-template start is prefilled once for all prompts: the same tokens (greedy: transformers' own
+    generate; sampled: the plain path with the same seeds) and the same recorded log-probs, and the prefix forward
+    really has a batch of one row."""
+    from posttrain.rollout import generate as gen
+
+    prompts = _chat_prompt_ids(tokenizer)
+    assert gen._common_prefix(prompts) >= gen.PREFIX_MIN
+    assert gen._common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # one token of each prompt stays for the prompt pass
+    batches = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["input_ids"].shape), with_kwargs=True)
+    greedy = HFEngine(model, tokenizer).generate(prompts, 2, max_new_tokens=10, temperature=0.0)
+    hook.remove()
+    assert batches[0] == (1, gen._common_prefix(prompts)) and batches[1][0] == 3 and batches[2] == (6, 1)
+    assert torch.equal(greedy.completion_ids[::2], _hf_greedy(model, tokenizer, prompts, 10))
+    kw = {"max_new_tokens": 10, "temperature": 1.0, "seeds": [3, 4, 5]}
+    shared = HFEngine(model, tokenizer).generate(prompts, 4, **kw)
+    monkeypatch.setattr(gen, "PREFIX_MIN", 10**6)  # the plain path: every prompt prefilled whole
+    plain = HFEngine(model, tokenizer).generate(prompts, 4, **kw)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    assert torch.allclose(shared.logps, plain.logps, atol=1e-5)
+    for row in (0, 5, 11):  # and the recorded log-probs are the model's own, token by token
+        n = int(shared.completion_mask[row].sum())
+        ref = _teacher_forced_logps(model, prompts[row // 4], shared.completion_ids[row, :n].tolist(), 1.0)
+        assert torch.allclose(shared.logps[row, :n].double(), ref, atol=1e-4)
+
+
+def test_preallocated_cache_layers_write_in_place():
+    """The preallocated layer returns what concatenation would, without reallocating its buffer, and grows past
+    its reserved length when it must."""
+    from transformers import DynamicCache
+
+    from posttrain.rollout.generate import preallocate
+
+    cache = DynamicCache()
+    k0, v0 = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    cache.update(k0, v0, 0)
+    assert preallocate(cache, 7)
+    layer = cache.layers[0]
+    buffer = layer._k.data_ptr()
+    ks, vs = [k0], [v0]
+    for step in range(4):  # the 7 reserved positions, then two past them
+        k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        ks.append(k)
+        vs.append(v)
+        keys, values = cache.update(k, v, 0)
+        assert torch.equal(keys, torch.cat(ks, -2)) and torch.equal(values, torch.cat(vs, -2))
+        assert cache.get_seq_length() == 6 + step
+        if step < 2:
+            assert layer._k.data_ptr() == buffer
+    assert not preallocate(object(), 7)  # not a transformers cache: left alone
