@@ -130,11 +130,57 @@ def test_no_grad_path_and_single_prompt(tokenizer, model):
     torch.testing.assert_close(shared.logps, naive, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pack_tokens", [1, 12, 30])
-def test_several_packed_rows_and_split_groups(tokenizer, pack_tokens):
-    """A small row budget: one unit per row (1), prompts' completions split over several units, each with
-    its own copy of the prompt (12), and a few units sharing a row next to padding (30). Same numbers."""
-    check(tiny_model(tokenizer, seed=5), tokenizer, 1.0, pack_tokens=pack_tokens)
+
+def test_pack_units_layout_by_hand():
+    """Prompts [1 2 3] and [4 5]; rows continue prompt 1, 0, 1 with 2, 3 and 0 tokens. Layout: prompt 0 at 0-2,
+    row 1 at 3-5, prompt 1 at 6-7, row 0 at 8-9, row 2 (empty) at 10."""
+    from posttrain.logprobs import pack_units
+
+    layout, index = pack_units([[1, 2, 3], [4, 5]], torch.tensor([1, 0, 1]), [2, 3, 0])
+    assert layout.units == [(0, 3, [(3, 3)]), (6, 2, [(8, 2)])] and layout.length == 10
+    expected = {"prompt_ids": [1, 2, 3, 4, 5], "prompt_at": [0, 1, 2, 6, 7], "prompt_pos": [0, 1, 2, 0, 1],
+                "row_start": [8, 3, 10], "prompt_end": [7, 2, 7], "row_offset": [2, 3, 2]}
+    assert {k: v.tolist() for k, v in index.items()} == expected
+    dense = layout.dense_mask("cpu")[0, 0]
+    assert dense[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]  # row 1's 2nd token: its prompt, itself causally
+    assert dense[9].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]  # row 0's 2nd token: prompt 1 and row 0 only
+
+
+def test_unit_attention_runs_per_unit_and_leaves_other_forwards_alone(tokenizer, monkeypatch):
+    """An SDPA model gets the per-unit attention: one causal kernel call per prompt and one per non-empty
+    completion per layer, never an [L, L] mask; a forward without a layout (generation) gives the same logits as
+    before the switch; and grad-enabled and no-grad packed forwards agree."""
+    import torch.nn.functional as F
+
+    import posttrain.logprobs as lp
+
+    model = tiny_model(tokenizer, seed=5)
+    ids = torch.tensor([tokenizer("What is 12 + 7? The answer")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    prompts, row_prompt, comp, mask = case(tokenizer)
+    shapes = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        quiet = shared_prefix_token_logps(model, prompts, row_prompt, comp, mask, tokenizer.pad_token_id)
+    assert model.config._attn_implementation == lp.UNIT_ATTENTION
+    units = len(prompts) + int((mask.sum(-1) > 0).sum()) + 1  # row 4 scores nothing but still has a token
+    assert len(shapes) == units * model.config.num_hidden_layers
+    layout, _ = lp.pack_units(prompts, row_prompt, (comp != tokenizer.pad_token_id).sum(-1).tolist())
+    longest = max(p + max([c for _, c in comps], default=0) for _, p, comps in layout.units)
+    assert all(m is None or m == (q, k) for q, k, m in shapes)  # masks only [c, p + c], per completion
+    assert max(k for _, k, _ in shapes) == longest < layout.length / 2
+    loud = shared_prefix_token_logps(model, prompts, row_prompt, comp, mask, tokenizer.pad_token_id)
+    torch.testing.assert_close(loud.logps.detach(), quiet.logps, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
