@@ -31,6 +31,7 @@ COMMANDS = {
 # go where a person expects them.
 TOOLS: dict[str, tuple[str, str]] = {
     "report": ("posttrain.report", "an HTML report of one run or several overlaid: curves, diagnostics, sampled completions"),
+    "convert-config": ("posttrain.trl_compat", "print a TRL config in posttrain's own names (TRL configs also run as they are)"),
 }
 
 
@@ -127,6 +128,15 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
             config_file = arg.split("=", 1)[1]
         elif arg.startswith("--") and "=" in arg:
             overrides.append(arg[2:])  # --key=value is accepted as key=value
+        elif arg.startswith("--") and len(arg) > 2:
+            # TRL's command-line style: `--key value`, a bare `--flag` meaning true, `--no_flag` meaning false.
+            nxt = rest[i + 1] if i + 1 < len(rest) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") and "=" not in nxt else None
+            if value is None and arg.startswith("--no_"):
+                overrides.append(f"{arg[5:]}=false")
+            else:
+                overrides.append(f"{arg[2:]}={'true' if value is None else value}")
+            i += 0 if value is None else 1
         elif arg.startswith("-"):
             raise UserError(f"unknown option '{arg}' (use key=value for settings)")
         else:

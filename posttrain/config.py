@@ -27,6 +27,9 @@ class UserError(Exception):
     """A mistake in the user's input (config, data, paths). The CLI prints it as one line and exits 2."""
 
 
+STRATEGIES = ("steps", "epoch", "no")
+
+
 def opt(default: Any, help: str, choices: tuple | None = None):
     """A config field: default + help text (+ the allowed values for a string choice)."""
     meta = {"help": help, "choices": choices}
@@ -76,7 +79,8 @@ class LoraConfig:
     r: int = opt(16, "Adapter rank.")
     alpha: float = opt(32.0, "Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = opt(0.0, "Dropout on the adapter input.")
-    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters.")
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters "
+                               "(['all-linear']: every linear layer but the output head).")
     merge: bool = opt(False, "Merge the adapter into the base weights when saving the final model.")
 
 
@@ -117,8 +121,14 @@ class TrainConfig:
     tokenizer: str | None = opt(None, "Tokenizer path or hub id; default: the model's own.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder / hub to run.")
     chat_template: str | None = opt(None, "A Jinja chat template (string or file path) replacing the tokenizer's.")
+    dtype: str = opt(
+        "float32",
+        "dtype the weights are loaded and trained in (TRL's model argument). float32 keeps full-precision weights "
+        "and optimizer state; bfloat16 halves their memory (pure bf16 training); auto takes the checkpoint's own.",
+        ("float32", "bfloat16", "float16", "auto"),
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% slower.")
-    bf16: bool = opt(False, "bfloat16 autocast for forward/backward (weights and optimizer stay float32).")
+    bf16: bool = opt(False, "bfloat16 autocast for forward/backward (weights and optimizer keep `dtype`).")
     lean_mlp: bool = opt(True, "SwiGLU MLPs keep two of their four [tokens, intermediate] activations for backward "
                          "and recompute the rest (same numbers, no extra matmul).")
     disable_dropout: bool = opt(True, "Turn off every dropout layer in the model (and the reference).")
@@ -129,6 +139,7 @@ class TrainConfig:
         "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a hub dataset name, or a "
         "built-in task ('arithmetic', 'arithmetic:levels=1-2,n=500'). Default: the command's built-in task.",
     )
+    dataset_config: str | None = opt(None, "Configuration (subset) name of a hub dataset, as datasets.load_dataset's `name`.")
     dataset_split: str = opt("train", "Split to read from hub datasets.")
     eval_dataset: str | None = opt(None, "Evaluation data, same forms as `dataset`.")
     eval_split: str = opt("test", "Split to read from hub datasets for evaluation.")
@@ -148,7 +159,7 @@ class TrainConfig:
     learning_rate: float = opt(2e-5, "Peak learning rate of AdamW.")
     lr_scheduler: str = opt("linear", "Learning-rate decay after warmup.", ("linear", "cosine", "constant"))
     warmup_ratio: float = opt(0.0, "Fraction of the optimizer steps spent warming up linearly from 0.")
-    warmup_steps: int = opt(0, "Warmup steps (overrides warmup_ratio when > 0).")
+    warmup_steps: float = opt(0, "Warmup steps (overrides warmup_ratio when > 0); below 1: a fraction of the run's steps.")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay.")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.999, "AdamW beta2.")
@@ -156,11 +167,26 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
     seed: int = opt(42, "Seed for initialisation, data order, dropout and sampling.")
     # Run management
-    logging_steps: int = opt(1, "Write a metrics.jsonl row every N optimizer steps.")
-    eval_steps: int = opt(0, "Evaluate every N optimizer steps (0: only at the end, when an eval set is given).")
+    logging_strategy: str = opt("steps", "When to write a metrics.jsonl row: every logging_steps, at each epoch's end, "
+                                "or no (only the last step).", STRATEGIES)
+    logging_steps: float = opt(1, "Write a metrics.jsonl row every N optimizer steps; below 1: a fraction of the run.")
+    eval_strategy: str = opt("steps", "When to evaluate (with an eval set): every eval_steps, at each epoch's end, or "
+                             "no (never, not even at the end).", STRATEGIES)
+    eval_steps: float = opt(0, "Evaluate every N optimizer steps (0: only at the end, when an eval set is given); "
+                            "below 1: a fraction of the run.")
     eval_batch_size: int = opt(8, "Examples per forward during evaluation, per device.")
-    save_steps: int = opt(0, "Write a checkpoint every N optimizer steps (0: none until the end).")
-    save_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest are deleted).")
+    save_strategy: str = opt("steps", "When to write a checkpoint: every save_steps, at each epoch's end, when the "
+                             "eval metric improves (best), or no.", STRATEGIES + ("best",))
+    save_steps: float = opt(0, "Write a checkpoint every N optimizer steps (0: none until the end); below 1: a "
+                            "fraction of the run.")
+    save_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest are deleted; the best is kept).")
+    load_best_model_at_end: bool = opt(False, "After training, load the checkpoint with the best metric_for_best_model "
+                                       "and save it as the final model (a checkpoint is written at every eval that "
+                                       "improves it).")
+    metric_for_best_model: str | None = opt(None, "Eval metric that ranks checkpoints: loss, rewards/accuracies, "
+                                            "accuracy, ... (eval_ or eval/ prefix optional). Default: loss.")
+    greater_is_better: bool | None = opt(None, "Whether a larger metric_for_best_model is better (default: false for "
+                                         "metrics ending in loss, true otherwise).")
     resume_from_checkpoint: str | None = opt(None, "'latest' (the newest in output_dir) or a checkpoint folder.")
     progress: bool = opt(True, "Show a progress bar on the console.")
     report_to: list = opt([], "Trackers that get every metrics.jsonl row under the same names: tensorboard (in "
@@ -188,10 +214,8 @@ class TrainConfig:
             (self.max_steps == -1 or self.max_steps >= 1, "max_steps must be -1 or >= 1"),
             (self.num_epochs > 0, "num_epochs must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-            (self.logging_steps >= 1, "logging_steps must be >= 1"),
-            (self.eval_steps >= 0 and self.save_steps >= 0, "eval_steps and save_steps must be >= 0"),
+            (self.logging_steps > 0, "logging_steps must be > 0"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1"),
             (self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1"),
             (self.eval_max_samples is None or self.eval_max_samples >= 1, "eval_max_samples must be >= 1"),
@@ -199,15 +223,31 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        for key in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, key)
+            if value < 0 or (value >= 1 and not float(value).is_integer()):
+                raise UserError(f"{key} must be a whole number of steps, or a fraction of the run in [0, 1); got {value}")
         if self.lora is not None and self.lora.r < 1:
             raise UserError("lora.r must be >= 1")
         resolve_report_to(self.report_to, installed_only=False)  # names are checked before any model loads
         d = self.diagnostics
         if d is not None and (d.window < 2 or d.sparse_reward_steps < 1 or d.collapse_within < 1):
             raise UserError("diagnostics: window must be >= 2, sparse_reward_steps and collapse_within >= 1")
+        if self.save_strategy == "best" and not self.eval_dataset:
+            raise UserError("save_strategy=best needs an eval_dataset to rank checkpoints by")
+        if self.load_best_model_at_end and (not self.eval_dataset or self.eval_strategy == "no"):
+            raise UserError("load_best_model_at_end needs an eval_dataset and an eval_strategy other than 'no'")
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or f"runs/{self.command}"
+
+    def best_metric(self) -> tuple[str, bool]:
+        """(the eval metric's key in metrics.jsonl, whether larger is better) for the best checkpoint."""
+        name = self.metric_for_best_model or "loss"
+        for prefix in ("eval/", "eval_"):
+            name = name.removeprefix(prefix)
+        greater = self.greater_is_better if self.greater_is_better is not None else not name.endswith("loss")
+        return f"eval/{name}", greater
 
 
 @dataclass
@@ -217,6 +257,8 @@ class SFTConfig(TrainConfig):
 
     packing: bool = opt(False, "Concatenate examples into rows of max_length (no padding); attention stays per example.")
     completion_only_loss: bool = opt(True, "Prompt-completion data: loss on completion tokens only.")
+    truncation_mode: str = opt("keep_start", "Sequences over max_length keep their first tokens (keep_start) or their "
+                               "last (keep_end).", ("keep_start", "keep_end"))
     assistant_only_loss: bool = opt(True, "Conversations: loss on assistant turns only.")
     command = "sft"
 
@@ -353,24 +395,26 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def load_config(cls: type, config_file: str | None, overrides: list[str]):
-    """YAML file (optional) + `key=value` overrides (dotted keys for nested blocks) -> validated config."""
+def read_yaml(config_file: str) -> tuple[dict, dict[str, str]]:
+    """A YAML config file -> (its mapping, dotted key -> 'file:line: ')."""
+    try:
+        text = open(config_file, encoding="utf-8").read()
+    except OSError as e:
+        raise UserError(f"{config_file}: cannot read config ({e.strerror})") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{config_file}:{mark.line + 1}" if mark else config_file
+        raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{config_file}:1: the config must be a mapping of key: value")
+    return values, _yaml_key_lines(config_file, text)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`key=value` strings (dotted keys for nested blocks), each value parsed like a YAML scalar."""
     values: dict = {}
-    lines: dict[str, str] = {}
-    if config_file:
-        try:
-            text = open(config_file, encoding="utf-8").read()
-        except OSError as e:
-            raise UserError(f"{config_file}: cannot read config ({e.strerror})") from None
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            loc = f"{config_file}:{mark.line + 1}" if mark else config_file
-            raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{config_file}:1: the config must be a mapping of key: value")
-        lines = _yaml_key_lines(config_file, text)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"argument '{item}': expected key=value")
@@ -380,7 +424,20 @@ def load_config(cls: type, config_file: str | None, overrides: list[str]):
         except yaml.YAMLError:
             value = raw
         _set_dotted(values, key.strip(), value)
-        lines.pop(key.strip(), None)
+    return values
+
+
+def load_config(cls: type, config_file: str | None, overrides: list[str], *, world_size: int | None = None,
+                with_translated: bool = False):
+    """YAML file (optional) + `key=value` overrides (dotted keys for nested blocks) -> validated config.
+
+    Either may use TRL's names (`posttrain.trl_compat`); `world_size` (default: from the launcher's
+    environment) turns TRL's per-device batch into the global one. With `with_translated`, also returns the
+    given keys in posttrain's names (what `posttrain convert-config` prints)."""
+    from posttrain.trl_compat import translate
+
+    file_values, lines = read_yaml(config_file) if config_file else ({}, {})
+    values = translate(cls, file_values, parse_overrides(overrides), lines, world_size=world_size)
     cfg = build_dataclass(cls, values, lines=lines)
     demo = getattr(cls, "demo", None)
     if demo and getattr(cfg, "dataset", "") is None:
@@ -390,7 +447,7 @@ def load_config(cls: type, config_file: str | None, overrides: list[str]):
             if key not in values:
                 setattr(cfg, key, value)
     cfg.validate()
-    return cfg
+    return (cfg, values) if with_translated else cfg
 
 
 def config_to_dict(cfg) -> dict:

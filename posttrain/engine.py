@@ -308,6 +308,23 @@ class Engine:
         self.total_steps = self._total_steps()
         self._batch = None  # the prepared micro-batches of the current optimizer-step batch
         self.stream = BatchStream(len(train_examples), cfg.batch_size, cfg.seed)
+        self.best: tuple[float, int] | None = None  # (metric, step) of the best eval so far
+        self._saved_at = -1  # the step of the last checkpoint written (one per step at most)
+
+    def steps_of(self, value: float) -> int:
+        """A step count from the config: N, or below 1 a fraction of the run (rounded up, as transformers)."""
+        return math.ceil(value * self.total_steps) if 0 < value < 1 else int(value)
+
+    def _due(self, strategy: str, every: float, step: int) -> bool:
+        """Whether a logging / eval / save event with this strategy falls on optimizer step `step`."""
+        if strategy == "epoch":
+            spb = self.algo.steps_per_batch
+            if step % spb:  # mid-batch (num_iterations > 1): the batch's last iteration ends the epoch
+                return False
+            b = step // spb
+            return math.floor(self.stream.epoch_at(b)) > math.floor(self.stream.epoch_at(b - 1))
+        n = self.steps_of(every) if strategy == "steps" else 0
+        return n > 0 and step % n == 0
 
     def _total_steps(self) -> int:
         cfg = self.cfg
@@ -352,6 +369,8 @@ class Engine:
         if algo_state:
             torch.save(algo_state, tmp / "algorithm.pt")
         trainer_state = {"step": step, "epoch": self.stream.epoch_at(step)}
+        if self.best is not None:
+            trainer_state["best"] = {"metric": self.best[0], "step": self.best[1]}
         if self.world_size > 1:
             trainer_state["world_size"] = self.world_size
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
@@ -359,8 +378,10 @@ class Engine:
             shutil.rmtree(final)
         os.replace(tmp, final)
         if self.cfg.save_total_limit:
+            best = f"checkpoint-{self.best[1]}" if self.best else None
             for old in self._checkpoints()[: -self.cfg.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != best:  # the best checkpoint outlives the rotation (as in transformers)
+                    shutil.rmtree(old, ignore_errors=True)
         parallel.barrier()
         return final
 
@@ -389,7 +410,36 @@ class Engine:
             self.algo.load_state_dict(torch.load(path / "algorithm.pt", weights_only=False))
         prepared = path / f"prepared-{self.rank}.pt"
         self._batch = torch.load(prepared, weights_only=False) if prepared.exists() else None
+        if "best" in state:
+            self.best = (float(state["best"]["metric"]), int(state["best"]["step"]))
         return int(state["step"])
+
+    def _save_once(self, step: int):
+        if self._saved_at != step:
+            self._saved_at = step
+            path = self.save_checkpoint(step)
+            self.runlog.write_report()  # the report beside every checkpoint
+            return path
+        return self.out / f"checkpoint-{step}"
+
+    def _track_best(self, step: int, metrics: dict) -> None:
+        """load_best_model_at_end / save_strategy=best: remember the best eval and checkpoint the step it came
+        from (the last step needs none: it is the final model)."""
+        cfg = self.cfg
+        if not (cfg.load_best_model_at_end or cfg.save_strategy == "best"):
+            return
+        key, greater = cfg.best_metric()
+        if key not in metrics:
+            known = ", ".join(k.removeprefix("eval/") for k in metrics)
+            raise UserError(f"metric_for_best_model: {key.removeprefix('eval/')!r} is not an eval metric of this "
+                            f"run (it reports: {known})")
+        value = float(metrics[key])
+        if math.isnan(value):  # an eval that produced no number ranks nowhere
+            return
+        if self.best is None or (value > self.best[0] if greater else value < self.best[0]):
+            self.best = (value, step)
+            if step < self.total_steps:
+                self._save_once(step)
 
     def _resume_path(self) -> Path | None:
         spec = self.cfg.resume_from_checkpoint
@@ -474,7 +524,7 @@ class Engine:
         self.device = parallel.place(self.model, *self.algo.models())
         parallel.wrap(self.model, cfg.distributed, cfg.bf16)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = make_optimizer(self.model, cfg)
-        warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * self.total_steps))
+        warmup = self.steps_of(cfg.warmup_steps) or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps, warmup)
         start = 0
         resume = self._resume_path()
@@ -514,23 +564,35 @@ class Engine:
                     metrics["step_seconds"] = elapsed
                     row = {"step": step, "epoch": round(self.stream.epoch_at(math.ceil(step / spb)), 4)}
                     row.update(metrics)
-                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
-                        row.update(self.evaluate())
-                    last = self.runlog.step(row, write=step % cfg.logging_steps == 0 or step == self.total_steps)
+                    evaluation = {}
+                    if step < self.total_steps and self._due(cfg.eval_strategy, cfg.eval_steps, step):
+                        evaluation = self.evaluate()
+                        row.update(evaluation)
+                        self._track_best(step, evaluation)
+                    # A row with an evaluation is always written, whatever the logging interval.
+                    write = bool(evaluation) or step == self.total_steps or self._due(
+                        cfg.logging_strategy, cfg.logging_steps, step)
+                    last = self.runlog.step(row, write=write)
                     progress.update(step, row)
-                    if cfg.save_steps and step % cfg.save_steps == 0:
-                        self.save_checkpoint(step)
-                        self.runlog.write_report()
+                    if self._due(cfg.save_strategy, cfg.save_steps, step):
+                        self._save_once(step)
                     if parallel.any_rank(stop.signum is not None):  # all ranks stop at the same step
-                        path = self.save_checkpoint(step)
+                        path = self._save_once(step)
                         progress.close()
                         if is_main():
                             print(f"interrupted at step {step}; checkpoint saved to {path}", file=sys.stderr)
                         self.runlog.finish()
                         raise SystemExit(128 + (stop.signum or signal.SIGTERM))  # a rank that got no signal itself
-        final_eval = self.evaluate()
+        final_eval = self.evaluate() if cfg.eval_strategy != "no" else {}
         if final_eval:
             last = self.runlog.step({"step": step, **final_eval})
+            self._track_best(step, final_eval)
+        if cfg.load_best_model_at_end and self.best is not None and self.best[1] != step:
+            path = self.out / f"checkpoint-{self.best[1]}"
+            self.load_checkpoint(path)
+            if is_main():
+                log.info(f"load_best_model_at_end: the final model is {path.name} "
+                         f"({cfg.best_metric()[0]} {self.best[0]:.4g}; at the last step: {final_eval.get(cfg.best_metric()[0])})")
         self.save_final()
         seconds = time.time() - t0
         if is_main():

@@ -137,7 +137,7 @@ def load_tokenizer(name: str, tokenizer: str | None = None, trust_remote_code: b
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, head: str = "lm"):
+def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32, head: str = "lm"):
     """`head`: 'lm' for a causal LM, 'score' for a one-output sequence classifier (reward models)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -187,14 +187,18 @@ def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    missing = [m for m in lora_cfg.target_modules if m not in names]
-    if missing:
-        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+    targets = list(lora_cfg.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft's own choice: every linear layer except the output head (TRL's value)
+    else:
+        missing = [m for m in targets if m not in names]
+        if missing:
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
     peft_cfg = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
+        target_modules=targets,
         task_type=task_type,
     )
     import warnings
@@ -226,10 +230,15 @@ def enable_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+def torch_dtype(name: str):
+    """The `dtype` config value as from_pretrained takes it ('auto' stays a string: the checkpoint's own)."""
+    return name if name == "auto" else getattr(torch, name)
+
+
 def prepare_model(cfg, head: str = "lm"):
-    """Load the tokenizer and the trainable policy per config: dropout, LoRA, gradient checkpointing."""
+    """Load the tokenizer and the trainable policy per config: dtype, dropout, LoRA, gradient checkpointing."""
     tok = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, cfg.chat_template)
-    model = load_model(cfg.model, cfg.trust_remote_code, head=head)
+    model = load_model(cfg.model, cfg.trust_remote_code, dtype=torch_dtype(getattr(cfg, "dtype", "float32")), head=head)
     if head == "score" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if cfg.disable_dropout:

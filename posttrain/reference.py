@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.tokenize import Encoded
-from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, resolve_model_path
+from posttrain.models import cache_dir, frozen_copy, is_peft, load_model, resolve_model_path, torch_dtype
 from posttrain.parallel import is_main
 
 log = logging.getLogger("posttrain")
@@ -171,9 +171,10 @@ class Precomputed(Reference):
 
     strategy = "precomputed"
 
-    def __init__(self, model_path: str, path: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, path: str | None = None, trust_remote_code: bool = False,
+                 dtype: str = "float32"):
         self.model_path = model_path  # the weights the values come from (part of the cache key)
-        self.path, self.trust_remote_code = path, trust_remote_code
+        self.path, self.trust_remote_code, self.dtype = path, trust_remote_code, dtype
         self._model = None
         self.stored_values = 0
 
@@ -212,7 +213,7 @@ class Precomputed(Reference):
         if file.exists():
             return torch.load(file, weights_only=True), f"cache {file}"
         if self.path is not None and self._model is None:
-            self._model = load_model(self.path, self.trust_remote_code).eval().requires_grad_(False)
+            self._model = load_model(self.path, self.trust_remote_code, torch_dtype(self.dtype)).eval().requires_grad_(False)
         model = self._model if self._model is not None else policy
         adapter_off = policy.disable_adapter() if self._model is None and is_peft(policy) else nullcontext()
         was_training = model.training
@@ -231,7 +232,9 @@ class Precomputed(Reference):
         """The weights (path + each weight file's size and modification time), the settings and every token
         sequence scored: a change in any of them is a different file."""
         path = resolve_model_path(self.model_path)
-        h = hashlib.sha256(json.dumps([CACHE_VERSION, path, settings]).encode())
+        # The dtype the reference runs in changes the values; float32 keeps the key it always had.
+        dtype = [] if self.dtype == "float32" else [self.dtype]
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, path, settings, *dtype]).encode())
         weights = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
         for f in weights:
             st = f.stat()
@@ -261,18 +264,21 @@ def choose(*, needed: bool = True, path: str | None = None, precompute: bool = F
 
 
 def build(policy, *, needed: bool = True, path: str | None = None, model_path: str | None = None,
-          precompute: bool = False, sync: Sync | None = None, trust_remote_code: bool = False) -> Reference:
+          precompute: bool = False, sync: Sync | None = None, trust_remote_code: bool = False,
+          dtype: str = "float32") -> Reference:
     """The reference of a run, by one rule for every algorithm (`choose`). precomputed: the values come from
     the model at `path`, else from the policy as loaded from `model_path` (adapter off); copy: a frozen copy
-    of the model at `path`, else of the policy, moved towards the policy when `sync` is given (TR-DPO)."""
+    of the model at `path`, else of the policy, moved towards the policy when `sync` is given (TR-DPO). A model
+    loaded from `path` gets the run's `dtype`, as the policy does."""
     kind = choose(needed=needed, path=path, precompute=precompute, lora=is_peft(policy))
     if kind == "none":
         return Reference()
     if kind == "precomputed":
-        return Precomputed(path or model_path, path, trust_remote_code)
+        return Precomputed(path or model_path, path, trust_remote_code, dtype)
     if kind == "adapter":
         return AdapterOff()
-    model = load_model(path, trust_remote_code).eval().requires_grad_(False) if path else frozen_copy(policy)
+    model = (load_model(path, trust_remote_code, torch_dtype(dtype)).eval().requires_grad_(False) if path
+             else frozen_copy(policy))
     return Copy(model, sync)
 
 

@@ -308,3 +308,105 @@ def test_engine_reduces_declared_metrics_once_per_step(tmp_path, tokenizer):
     assert (row["shortest"], row["longest"]) == (min(lengths), max(lengths)) and min(lengths) != max(lengths)
     assert row["mean_length"] == pytest.approx(sum(lengths) / 4)
     assert row["loss"] > 0 and "nll" in row
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRL's run-management options: fractions of the run, strategies, the best checkpoint, dtype
+
+
+def test_step_counts_below_one_are_fractions_of_the_run(tmp_path, tokenizer):
+    """transformers 5: warmup_steps / logging_steps / eval_steps / save_steps below 1 are a fraction of the run's
+    optimizer steps, rounded up. 10 steps: warmup ceil(0.15 x 10) = 2, a row every 3 (and the last), an eval every
+    5 (the last one is the final eval), a checkpoint every ceil(0.4 x 10) = 4."""
+    exs = examples(tokenizer)
+    cfg = config(tmp_path, max_steps=10, lr_scheduler="linear", warmup_steps=0.15, logging_steps=0.3, eval_steps=0.5,
+                 save_steps=0.4)
+    engine = Engine(cfg, tiny_model(tokenizer), tokenizer, SFT(cfg, tokenizer.pad_token_id), exs, exs[:2])
+    assert [engine.steps_of(x) for x in (0.15, 0.3, 0.5, 0.4, 3, 0)] == [2, 3, 5, 4, 3, 0]
+    engine.train()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [3, 5, 6, 9, 10, 10]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [5, 10]
+    # 2 warmup steps, then linear decay over 8: step 3 at the peak, step 6 three decay steps later.
+    assert [r["learning_rate"] for r in rows[:3]] == pytest.approx([1e-3, 1e-3 * (1 - 2 / 8), 1e-3 * (1 - 3 / 8)])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_epoch_and_no_strategies(tmp_path, tokenizer):
+    """8 examples, 4 a step: epochs end after steps 2, 4 and 6."""
+    exs = examples(tokenizer)
+    run(config(tmp_path / "a", max_steps=6, logging_strategy="epoch", eval_strategy="epoch", save_strategy="epoch"),
+        tokenizer, tiny_model(tokenizer), exs, eval_examples=exs[:2])
+    rows = metrics(tmp_path / "a")
+    assert [(r["step"], "eval/loss" in r) for r in rows] == [(2, True), (4, True), (6, False), (6, True)]
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    run(config(tmp_path / "b", max_steps=3, logging_strategy="no", eval_strategy="no", eval_steps=1, save_strategy="no",
+               save_steps=1), tokenizer, tiny_model(tokenizer), exs, eval_examples=exs[:2])
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [3]  # the last step only, no eval at all
+    assert not list((tmp_path / "b").glob("checkpoint-*"))
+
+
+def test_load_best_model_at_end_exports_the_best_checkpoint(tmp_path, tokenizer):
+    """Ranked by the largest eval loss (greater_is_better: true), the best eval is the first one, at step 2: the
+    exported model must hold exactly checkpoint-2's weights, not the last step's; save_total_limit keeps it."""
+    exs = examples(tokenizer)
+    cfg = config(tmp_path, max_steps=6, eval_steps=2, eval_dataset="given", load_best_model_at_end=True,
+                 metric_for_best_model="eval_loss", greater_is_better=True, save_steps=1, save_total_limit=1)
+    model = tiny_model(tokenizer)
+    run(cfg, tokenizer, model, exs, eval_examples=exs[:4])
+    losses = {r["step"]: r["eval/loss"] for r in metrics(tmp_path) if "eval/loss" in r}
+    assert list(losses) == [2, 4, 6] and max(losses, key=losses.get) == 2  # training lowers the eval loss
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+    state = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best"] == {"metric": pytest.approx(losses[2]), "step": 2}
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-6" / "trainable.safetensors"))
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path).named_parameters())
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(exported[name], best[name]) and not torch.equal(best[name], last[name])
+    # The exported model scores the best eval loss again.
+    assert mean_nll(AutoModelForCausalLM.from_pretrained(tmp_path), tokenizer, exs[:4]) == pytest.approx(losses[2], abs=1e-5)
+
+    # The default ranking (lower eval loss is better) keeps the last evaluation: no checkpoint is needed for it.
+    out = tmp_path / "default"
+    run(config(out, max_steps=4, eval_steps=2, eval_dataset="given", load_best_model_at_end=True), tokenizer,
+        tiny_model(tokenizer), exs, eval_examples=exs[:4])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_best_model_options_are_checked(tmp_path, tokenizer):
+    from posttrain.config import UserError
+
+    with pytest.raises(UserError, match="load_best_model_at_end needs an eval_dataset"):
+        config(tmp_path, load_best_model_at_end=True)
+    with pytest.raises(UserError, match="save_strategy=best needs an eval_dataset"):
+        config(tmp_path, save_strategy="best")
+    cfg = config(tmp_path, eval_steps=1, eval_dataset="given", metric_for_best_model="rewards/accuracies",
+                 save_strategy="best")
+    with pytest.raises(UserError, match="metric_for_best_model: 'rewards/accuracies' is not an eval metric of this run "
+                                        r"\(it reports: loss\)"):
+        run(cfg, tokenizer, tiny_model(tokenizer), examples(tokenizer), eval_examples=examples(tokenizer)[:2])
+    assert config(tmp_path, metric_for_best_model="eval/rewards/accuracies").best_metric() == ("eval/rewards/accuracies", True)
+    assert config(tmp_path).best_metric() == ("eval/loss", False)
+
+
+def test_dtype_bfloat16_loads_trains_and_saves_bfloat16(tmp_path, tiny_model_dir):
+    """dtype: bfloat16 (TRL's model argument): the weights are loaded, updated and saved in bfloat16, and training
+    lowers the loss."""
+    from posttrain.algorithms import sft as sft_module
+    from posttrain.config import load_config
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    cfg = load_config(sft_module.Config, None, [f"model={tiny_model_dir}", f"dataset={data}", "dtype=bfloat16",
+                                                "max_steps=6", "batch_size=8", "micro_batch_size=8", "learning_rate=3e-3",
+                                                f"output_dir={tmp_path}/run", "progress=false", "warmup_ratio=0"])
+    sft_module.run(cfg)
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert {p.dtype for p in original.parameters()} == {torch.float32}

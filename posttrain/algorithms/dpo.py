@@ -73,6 +73,11 @@ class Config(TrainConfig):
     learning_rate: float | None = opt(None, "Peak learning rate (default 5e-7 full fine-tuning, 5e-6 with LoRA).")  # type: ignore[assignment]
     warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent warming up linearly from 0.")
     max_length: int = opt(512, "Maximum tokens of prompt + completion, per side of the pair.")
+    truncation_mode: str = opt("keep_start", "A side over max_length keeps its first tokens (keep_start: the "
+                               "completion's end is cut) or its last (keep_end: the prompt's start is cut).",
+                               ("keep_start", "keep_end"))
+    precompute_ref_batch_size: int | None = opt(None, "Pairs per forward of the precompute_ref_log_probs pass "
+                                                "(default: eval_batch_size).")
     command = "dpo"
     demo = {"max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 2e-6,
             "eval_dataset": "arithmetic:split=test,n=64"}
@@ -167,12 +172,14 @@ class PairBatch:
         return int(self.attention_mask.sum())
 
 
-def encode_preference(tok, data: dict, max_length: int, max_prompt_length: int | None) -> Pair | None:
+def encode_preference(tok, data: dict, max_length: int, max_prompt_length: int | None,
+                      truncation_mode: str = "keep_start") -> Pair | None:
     """A row's two sides, each prompt + completion with the loss mask on the completion; None when the prompt
     alone fills max_length."""
     sides = []
     for key in ("chosen", "rejected"):
-        pair = truncate_pair(*encode_pair(tok, data["prompt"], data[key]), max_length, max_prompt_length)
+        pair = truncate_pair(*encode_pair(tok, data["prompt"], data[key]), max_length, max_prompt_length,
+                             truncation_mode)
         if pair is None:
             return None
         p, c = pair
@@ -247,7 +254,7 @@ class DPO(Algorithm):
 
         return self.reference.precompute(model, datasets, name="dpo", settings={"ld_alpha": self.cfg.ld_alpha},
                                          sequences=lambda p: (p.chosen, p.rejected), score=score, store=store,
-                                         size=self.cfg.eval_batch_size)
+                                         size=self.cfg.precompute_ref_batch_size or self.cfg.eval_batch_size)
 
     def _compute(self, model, mb: PairBatch):
         """(per-pair losses [B], metrics: means over the B pairs)."""
@@ -314,14 +321,15 @@ def run(cfg: Config):
                     "but lose instruction following; start from an instruction-tuned model")
 
     def encode(data):
-        return encode_preference(tok, data, cfg.max_length, cfg.max_prompt_length)
+        return encode_preference(tok, data, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
 
     pairs = encode_dataset(train, encode)
     eval_pairs = encode_dataset(evald, encode) if evald else None
 
     sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
     reference = build(model, needed=not cfg.reference_free(), path=cfg.ref_model, model_path=cfg.model,
-                      precompute=cfg.precompute_ref_log_probs, sync=sync, trust_remote_code=cfg.trust_remote_code)
+                      precompute=cfg.precompute_ref_log_probs, sync=sync, trust_remote_code=cfg.trust_remote_code,
+                      dtype=cfg.dtype)
     algo = DPO(cfg, tok.pad_token_id, reference)
     algo.precompute_reference(model, pairs, *([eval_pairs] if eval_pairs else []))
     if is_main():

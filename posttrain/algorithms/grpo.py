@@ -95,6 +95,7 @@ class Config(TrainConfig):
     prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
     chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
     command = "grpo"
+    trl_batch_counts_completions = True  # TRL's per_device_train_batch_size counts completions (trl_compat)
     # The README's main job: settings that show the reward rising within minutes on a 2-core CPU.
     demo = {"max_steps": 20, "batch_size": 4, "num_generations": 8, "max_completion_length": 16,
             "micro_batch_size": 32, "learning_rate": 1e-5, "eval_dataset": "arithmetic:split=test,n=64",
@@ -371,7 +372,7 @@ def default_reward_funcs(cfg: Config, builtin: bool, has_answer: bool) -> list[s
 def run(cfg: Config):
     train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
     builtin = cfg.dataset is None or cfg.dataset.split(":")[0] == DEFAULT_DATASET
-    names = default_reward_funcs(cfg, builtin, "answer" in train.rows[0].data)
+    names = default_reward_funcs(cfg, builtin, bool({"answer", "solution"} & set(train.rows[0].data)))
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
         raise UserError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(names)} reward functions")
     pattern = cfg.format_pattern or (BUILTIN_FORMAT_PATTERN if builtin else None)

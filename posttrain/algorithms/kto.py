@@ -74,6 +74,9 @@ class Config(TrainConfig):
         "Score the data (and its mismatched KL pairs) with the reference once, cache it, keep no reference "
         "in memory.",
     )
+    precompute_ref_batch_size: int | None = opt(
+        None, "Examples per forward of the precompute_ref_log_probs pass (default: eval_batch_size)."
+    )
     learning_rate: float | None = opt(
         None, "Peak learning rate (default 5e-7 full fine-tuning, 5e-6 with LoRA)."
     )  # type: ignore[assignment]
@@ -293,7 +296,8 @@ class KTO(Algorithm):
             example.ref_logp, example.ref_kl_logp = values
 
         return self.reference.precompute(model, datasets, name="kto", settings={}, sequences=lambda e: (e.seq, e.kl_seq),
-                                         score=score, store=store, size=self.cfg.eval_batch_size)
+                                         score=score, store=store,
+                                         size=self.cfg.precompute_ref_batch_size or self.cfg.eval_batch_size)
 
 
 def run(cfg: Config):
@@ -310,7 +314,7 @@ def run(cfg: Config):
         log.warning(f"kto: {warning}")
 
     reference = build(model, path=cfg.ref_model, model_path=cfg.model, precompute=cfg.precompute_ref_log_probs,
-                      trust_remote_code=cfg.trust_remote_code)
+                      trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
     algo = KTO(cfg, tok.pad_token_id, reference)
     algo.precompute_reference(model, examples, *([eval_examples] if eval_examples else []))
     if is_main():

@@ -74,6 +74,7 @@ def run(cfg: Config):
             max_prompt_length=cfg.max_prompt_length,
             completion_only=cfg.completion_only_loss,
             assistant_only=cfg.assistant_only_loss,
+            truncation_mode=cfg.truncation_mode,
         )
 
     examples = encode_dataset(train, encode)

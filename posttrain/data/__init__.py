@@ -15,13 +15,16 @@ __all__ = ["Dataset", "load_dataset", "load_train_eval", "encode_dataset"]
 
 def load_train_eval(cfg, kind: str, default: str) -> tuple[Dataset, Dataset | None]:
     """The config's training (or the command's built-in default) and eval datasets, validated."""
+    config = getattr(cfg, "dataset_config", None)
     train = load_dataset(
-        cfg.dataset or default, kind, split=cfg.dataset_split, skip_invalid=cfg.skip_invalid, max_samples=cfg.max_samples
+        cfg.dataset or default, kind, split=cfg.dataset_split, skip_invalid=cfg.skip_invalid, max_samples=cfg.max_samples,
+        config=config,
     )
     evald = None
     if cfg.eval_dataset:
+        # The same hub dataset for evaluation (TRL's dataset_test_split) shares its configuration.
         evald = load_dataset(cfg.eval_dataset, kind, split=cfg.eval_split, skip_invalid=cfg.skip_invalid,
-                             max_samples=cfg.eval_max_samples)
+                             max_samples=cfg.eval_max_samples, config=config if cfg.eval_dataset == cfg.dataset else None)
     return train, evald
 
 

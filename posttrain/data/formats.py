@@ -166,7 +166,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
+def read_rows(spec: str, split: str = "train", kind: str = "sft", config: str | None = None) -> list[Row]:
     """Rows from a file, a folder of files, a built-in task, or a hub dataset (needs internet)."""
     from posttrain.data.tasks import builtin_task
 
@@ -190,7 +190,7 @@ def read_rows(spec: str, split: str = "train", kind: str = "sft") -> list[Row]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(spec, split=split)
+        ds = datasets.load_dataset(spec, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's input problem here
         raise UserError(f"{spec}: not a file, folder, built-in task, or loadable hub dataset ({str(e).splitlines()[0]})") from None
     return [Row(_plain(r), f"{spec}[{split}]:row {i}") for i, r in enumerate(ds, 1)]
@@ -307,12 +307,13 @@ def split_implicit_prompt(chosen, rejected, src):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bool = False, max_samples: int | None = None) -> Dataset:
+def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bool = False, max_samples: int | None = None,
+                 config: str | None = None) -> Dataset:
     """Read, detect the format from the first row, validate every row.
 
     `kind` says what the command consumes (see KINDS); a file in another format is a one-line error.
     """
-    rows = read_rows(spec, split, kind)
+    rows = read_rows(spec, split, kind, config)
     if kind == "sft":
         rows = [Row(sft_view(r.data), r.source, r.error) for r in rows]
     parsed = [r for r in rows if r.error is None]

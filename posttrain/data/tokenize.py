@@ -76,11 +76,23 @@ def encode_pair(tok, prompt, completion) -> tuple[list[int], list[int]]:
     return prompt_ids, completion_ids
 
 
-def truncate_pair(prompt_ids, completion_ids, max_length: int, max_prompt_length: int | None):
-    """Keep the prompt's end (max_prompt_length) and the completion's start (max_length). None if no
-    completion token survives."""
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def truncate_pair(prompt_ids, completion_ids, max_length: int, max_prompt_length: int | None,
+                  mode: str = "keep_start"):
+    """Keep the prompt's end (max_prompt_length), then fit prompt + completion into max_length: keep_start
+    keeps the completion's start (None if no completion token survives); keep_end (TRL's deprecated mode)
+    keeps the sequence's last max_length tokens, cutting the prompt from the left first but keeping its last
+    token, which predicts the first completion token."""
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
+    if mode == "keep_end":
+        excess = len(prompt_ids) + len(completion_ids) - max_length
+        if excess > 0:
+            cut = min(excess, len(prompt_ids) - 1)
+            prompt_ids, completion_ids = prompt_ids[cut:], completion_ids[excess - cut :]
+        return (prompt_ids, completion_ids) if completion_ids else None
     room = max_length - len(prompt_ids)
     if room <= 0:
         return None
@@ -122,16 +134,20 @@ def encode_conversation(tok, messages, assistant_only: bool) -> Encoded:
     return Encoded(ids, mask)
 
 
-def encode_sft_row(tok, data: dict, *, max_length: int, max_prompt_length: int | None, completion_only: bool, assistant_only: bool) -> Encoded | None:
-    """One SFT example; None when truncation would leave no trainable token."""
+def encode_sft_row(tok, data: dict, *, max_length: int, max_prompt_length: int | None, completion_only: bool,
+                   assistant_only: bool, truncation_mode: str = "keep_start") -> Encoded | None:
+    """One SFT example; None when truncation would leave no trainable token. truncation_mode: keep the first
+    (keep_start) or the last (keep_end) max_length tokens."""
+    keep = slice(-max_length, None) if truncation_mode == "keep_end" else slice(None, max_length)
     if "messages" in data:
         enc = encode_conversation(tok, data["messages"], assistant_only)
-        enc = Encoded(enc.input_ids[:max_length], enc.mask[:max_length])
+        enc = Encoded(enc.input_ids[keep], enc.mask[keep])
     elif "text" in data:
-        ids = _strip_after_eos(tok, _ids(tok, data["text"], first=True))[:max_length]
+        ids = _strip_after_eos(tok, _ids(tok, data["text"], first=True))[keep]
         enc = Encoded(ids, [0] + [1] * (len(ids) - 1))
     else:
-        pair = truncate_pair(*encode_pair(tok, data["prompt"], data["completion"]), max_length, max_prompt_length)
+        pair = truncate_pair(*encode_pair(tok, data["prompt"], data["completion"]), max_length, max_prompt_length,
+                             truncation_mode)
         if pair is None:
             return None
         p, c = pair

@@ -146,12 +146,16 @@ def is_correct(gold: str, reply: str) -> bool:
     return _math_verify_equal(gold, pred)
 
 
-def accuracy(prompts, completions, answer=None, **kwargs) -> list[float | None]:
+def accuracy(prompts, completions, answer=None, solution=None, **kwargs) -> list[float | None]:
     """1.0 when the completion's answer equals the ``answer`` column, else 0.0; None where a row has no gold.
 
-    The prediction is the last ``\\boxed{...}`` content, else the last number (commas, negatives, decimals).
-    Integers and decimals compare exactly; LaTeX (``\\frac{1}{2}`` vs ``0.5``) goes through math_verify.
+    Without an ``answer`` column the ``solution`` column (TRL's accuracy_reward reads it) gives the gold: its
+    last ``\\boxed{...}``, else the whole text. The prediction is the last ``\\boxed{...}`` content, else the
+    last number (commas, negatives, decimals). Integers and decimals compare exactly; LaTeX (``\\frac{1}{2}``
+    vs ``0.5``) goes through math_verify.
     """
+    if answer is None:
+        answer = solution
     if answer is None:
         return [None] * len(completions)
     return [None if gold is None or str(gold).strip() == "" else float(is_correct(str(gold), _text(c)))
