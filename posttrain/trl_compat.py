@@ -67,8 +67,15 @@ def _resume(value):
     return None if value is False else value
 
 
+def _names(value) -> list:
+    """A list, or a string of comma-separated names (key=value on the command line)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value or [])
+
+
 def _report_to(value):
-    return [value] if isinstance(value, str) else value
+    return _names(value)
 
 
 def _fsdp(value):
@@ -87,7 +94,7 @@ THINK_FORMAT_PATTERN = r"^<think>(?!.*<think>)(.*?)</think>.*$"
 
 
 def _reward_funcs(value):
-    names = [value] if isinstance(value, str) else list(value or [])
+    names = _names(value)
     out = []
     for name in names:
         if name in TRL_REWARDS:

@@ -33,7 +33,7 @@ from posttrain.data import load_train_eval
 from posttrain.engine import Algorithm, Engine, Global, Max, Mean, Min, Prepared, Sum
 from posttrain.evaluate import evaluate_prompts
 from posttrain.logprobs import shared_prefix_token_logps
-from posttrain.losses.policy import AGGREGATIONS, group_advantages, group_stats, loss_denominator, policy_loss
+from posttrain.losses.policy import LOSS_TYPES, group_advantages, group_stats, loss_denominator, policy_loss
 from posttrain.models import prepare_model
 from posttrain.parallel import gather_rows, is_main
 from posttrain.reference import Reference, build
@@ -74,10 +74,22 @@ class Config(TrainConfig):
     top_k: int = opt(0, "Top-k sampling (0: off).")
     beta: float = opt(0.0, "KL coefficient to the reference (k3). 0 loads no reference model.")
     epsilon: float = opt(0.2, "Lower clip: ratio >= 1 - epsilon.")
-    epsilon_high: float | None = opt(None, "Upper clip (DAPO clip-higher, e.g. 0.28); default = epsilon.")
+    epsilon_high: float | None = opt(None, "Upper clip (DAPO clip-higher, e.g. 0.28); default = epsilon. With "
+                                     "loss_type=cispo: the cap on the importance ratio itself (e.g. 5.0).")
     delta: float | None = opt(None, "Dual clip: cap on the ratio for negative advantages (e.g. 3).")
     num_iterations: int = opt(1, "mu: optimizer steps per generated batch.")
-    loss_type: str = opt("dapo", "Loss aggregation.", tuple(AGGREGATIONS))
+    loss_type: str = opt(
+        "dapo",
+        "Aggregations of the clipped objective: grpo (mean per sequence, then over sequences), bnpo (token mean "
+        "per micro-batch), dr_grpo (token sum / (sequences x max_completion_length)), dapo (token sum / the step's "
+        "token count). Other losses, each with the aggregation TRL fixes for it: cispo (capped, detached "
+        "importance weight x A x log-prob; as dapo; needs epsilon_high), sapo (soft sigmoid gate; as grpo).",
+        tuple(LOSS_TYPES),
+    )
+    sapo_temperature_pos: float = opt(1.0, "sapo: gate temperature for tokens with positive advantage.")
+    sapo_temperature_neg: float = opt(1.05, "sapo: gate temperature for tokens with zero or negative advantage.")
+    use_bias_correction_kl: bool = opt(True, "Multiply the k3 KL term by the importance ratio, which makes its "
+                                       "gradient the unbiased reverse-KL gradient (TRL's default; beta > 0 only).")
     scale_rewards: str = opt("group", "Advantage scale: group std, batch std, or none (Dr. GRPO).", ("group", "batch", "none"))
     std: str = opt("unbiased", "Std used for scaling: unbiased (as TRL) or population (1/G).", ("unbiased", "population"))
     multi_objective_aggregation: str = opt("sum_then_normalize", "Several rewards: sum then normalise (GRPO) or normalise each then sum (GDPO).", ("sum_then_normalize", "normalize_then_sum"))
@@ -119,6 +131,11 @@ class Config(TrainConfig):
             raise UserError("num_iterations and max_sampling_rounds must be >= 1")
         if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise UserError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
+            raise UserError("loss_type=cispo: epsilon_high caps the importance ratio itself and must be >= 1 "
+                            f"(ScaleRL recommends 5.0); got {self.epsilon_high}")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise UserError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
             raise UserError("multi_objective_aggregation=normalize_then_sum needs scale_rewards=group")
 
@@ -337,6 +354,8 @@ class GRPO(Algorithm):
             # max(., 1): a step whose every token is masked (all completions truncated, with
             # mask_truncated_completions) has a dapo count of 0; its loss is 0, not 0/0.
             max_completion_length=cfg.max_completion_length, num_items=None if bnpo else max(total_items, 1.0),
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+            use_bias_correction_kl=cfg.use_bias_correction_kl,
         )
         if bnpo:
             loss = loss / total_items

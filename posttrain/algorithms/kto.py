@@ -49,7 +49,7 @@ from posttrain.data.formats import Dataset, Row
 from posttrain.data.tokenize import Encoded, LMBatch, collate, encode_pair, truncate_pair
 from posttrain.engine import Algorithm, Engine, Global, Mean, Sum, reduce_metrics
 from posttrain.logprobs import token_logps
-from posttrain.losses.kto import desirable_ratio_warning, kl_estimate, kto_loss
+from posttrain.losses.kto import KTO_LOSSES, desirable_ratio_warning, kl_estimate, kto_loss
 from posttrain.models import prepare_model
 from posttrain.parallel import all_reduce_sum, is_main
 from posttrain.reference import Reference, build
@@ -65,6 +65,8 @@ class Config(TrainConfig):
     an undesirable example. `batch_size` and `micro_batch_size` count EXAMPLES (two per preference pair).
     With no dataset: the built-in arithmetic pairs (correct answer desirable, a plausible wrong one not)."""
 
+    loss_type: str = opt("kto", "kto (Eq. 7 of the KTO paper, with the KL reference point z0) or apo_zero_unpaired "
+                         "(APO-zero per example: no z0, so no mismatched-pair pass).", tuple(KTO_LOSSES))
     beta: float = opt(0.1, "Inverse temperature of the implicit reward beta * log(pi / ref).")
     desirable_weight: float = opt(1.0, "Weight of the desirable examples' losses.")
     undesirable_weight: float = opt(1.0, "Weight of the undesirable examples' losses.")
@@ -240,13 +242,19 @@ class KTO(Algorithm):
                 ref.append(self.reference_sums(model, batch, stored).to(policy[-1].device))
         return torch.cat(policy), torch.cat(ref)
 
+    @property
+    def uses_kl(self) -> bool:
+        return KTO_LOSSES[self.cfg.loss_type].uses_kl
+
     def prepare(self, model, examples: list) -> list:
-        policy, ref = self.kl_logps(model, examples, self.cfg.micro_batch_size)
-        # kl_estimate over every process's pairs: all-reduce the sum and the count, then mean and clamp.
-        totals = all_reduce_sum(
-            torch.tensor([float((policy - ref).double().sum()), float(len(examples))], dtype=torch.float64)
-        )
-        z0 = max(0.0, float(totals[0] / totals[1]))
+        z0 = 0.0
+        if self.uses_kl:
+            policy, ref = self.kl_logps(model, examples, self.cfg.micro_batch_size)
+            # kl_estimate over every process's pairs: all-reduce the sum and the count, then mean and clamp.
+            totals = all_reduce_sum(
+                torch.tensor([float((policy - ref).double().sum()), float(len(examples))], dtype=torch.float64)
+            )
+            z0 = max(0.0, float(totals[0] / totals[1]))
         size = self.cfg.micro_batch_size
         return [collate_examples(examples[s : s + size], self.pad_id, z0) for s in range(0, len(examples), size)]
 
@@ -261,6 +269,7 @@ class KTO(Algorithm):
             beta=self.cfg.beta,
             desirable_weight=self.cfg.desirable_weight,
             undesirable_weight=self.cfg.undesirable_weight,
+            loss_type=self.cfg.loss_type,
         )
 
     def loss(self, model, mb: KTOBatch, total_items: float):
@@ -275,7 +284,8 @@ class KTO(Algorithm):
 
     def evaluate(self, model, examples: list) -> dict:
         size = self.cfg.eval_batch_size
-        z0 = float(kl_estimate(*self.kl_logps(model, examples, size)))  # one estimate over the whole eval set
+        # One estimate over the whole eval set.
+        z0 = float(kl_estimate(*self.kl_logps(model, examples, size))) if self.uses_kl else 0.0
         parts = []
         for s in range(0, len(examples), size):
             res = self._compute(model, collate_examples(examples[s : s + size], self.pad_id, z0))

@@ -4,11 +4,19 @@ Each family keeps a registry whose entries share one signature, and a config str
   preference.py  PREFERENCE_LOSSES  (DPO family, SimPO, CPO, ORPO)
   kto.py         KTO (unpaired)
   reward.py      Bradley-Terry reward-model loss
-  policy.py      AGGREGATIONS for the clipped policy-gradient core of the GRPO family, plus advantages
+  policy.py      LOSS_TYPES (objective + AGGREGATIONS) of the GRPO family's policy core, plus advantages
 """
 
-from posttrain.losses.kto import KTOLossOutput, desirable_ratio_warning, kl_estimate, kto_loss
-from posttrain.losses.policy import AGGREGATIONS, group_advantages, group_stats, k3_kl, loss_denominator, policy_loss
+from posttrain.losses.kto import KTO_LOSSES, KTOLossOutput, desirable_ratio_warning, kl_estimate, kto_loss
+from posttrain.losses.policy import (
+    AGGREGATIONS,
+    LOSS_TYPES,
+    group_advantages,
+    group_stats,
+    k3_kl,
+    loss_denominator,
+    policy_loss,
+)
 from posttrain.losses.preference import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -25,6 +33,8 @@ from posttrain.losses.reward import bradley_terry_loss
 __all__ = [
     "AGGREGATIONS",
     "KTOLossOutput",
+    "KTO_LOSSES",
+    "LOSS_TYPES",
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE_LOSSES",
     "PreferenceLossOutput",

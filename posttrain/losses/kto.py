@@ -14,7 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KTOLossOutput", "desirable_ratio_warning", "kl_estimate", "kto_loss"]
+__all__ = ["KTO_LOSSES", "KTOLossOutput", "desirable_ratio_warning", "kl_estimate", "kto_loss"]
+
+
+class KTOLoss(NamedTuple):
+    """A registry entry: `fn(logratios [B], z0, beta) -> (desirable losses [B], undesirable losses [B])`, both
+    before the class weights; `uses_kl` says whether z0 enters (the caller can skip estimating it)."""
+
+    fn: object
+    uses_kl: bool
+
+
+def _kto(logratios: Tensor, z0: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    # KTO, Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 7.
+    return 1 - F.sigmoid(beta * (logratios - z0)), 1 - F.sigmoid(beta * (z0 - logratios))
+
+
+def _apo_zero_unpaired(logratios: Tensor, z0: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    # APO-zero for unpaired data: D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7 split per example (TRL's
+    # KTO loss_type="apo_zero_unpaired"): desirable 1 - sigma(beta r), undesirable sigma(beta r). No reference
+    # point: it pushes desirable likelihoods up and undesirable ones down from wherever the reference is.
+    return 1 - F.sigmoid(beta * logratios), F.sigmoid(beta * logratios)
+
+
+KTO_LOSSES: dict[str, KTOLoss] = {"kto": KTOLoss(_kto, True), "apo_zero_unpaired": KTOLoss(_apo_zero_unpaired, False)}
 
 
 class KTOLossOutput(NamedTuple):
@@ -33,13 +56,18 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ) -> KTOLossOutput:
-    """Per-example KTO loss, Eq. (7) of Ethayarajh et al. 2024 (arXiv 2402.01306).
+    """Per-example KTO loss, Eq. (7) of Ethayarajh et al. 2024 (arXiv 2402.01306), or another entry of
+    ``KTO_LOSSES``.
 
-    With r = policy_logps - ref_logps (summed completion log-probs) and z0 = ``kl``:
+    With r = policy_logps - ref_logps (summed completion log-probs) and z0 = ``kl``, ``loss_type="kto"``:
 
         desirable:   desirable_weight   * (1 - sigmoid(beta * (r - z0)))
         undesirable: undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+
+    ``loss_type="apo_zero_unpaired"`` (TRL's name): desirable ``1 - sigmoid(beta r)``, undesirable
+    ``sigmoid(beta r)``, with the same class weights; ``kl`` is not read (pass 0).
 
     Args:
         policy_logps, ref_logps: [B] summed log-probabilities of each completion.
@@ -58,15 +86,16 @@ def kto_loss(
         raise ValueError(
             f"policy_logps and ref_logps must both be [B]; got {policy_logps.shape}, {ref_logps.shape}"
         )
+    if loss_type not in KTO_LOSSES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; valid: {sorted(KTO_LOSSES)}")
     labels = torch.as_tensor(labels, device=policy_logps.device).bool()
     if labels.shape != policy_logps.shape:
         raise ValueError(f"labels must be [B]={tuple(policy_logps.shape)}; got {tuple(labels.shape)}")
     z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).detach()
 
     logratios = policy_logps - ref_logps
-    desirable = desirable_weight * (1 - F.sigmoid(beta * (logratios - z0)))
-    undesirable = undesirable_weight * (1 - F.sigmoid(beta * (z0 - logratios)))
-    losses = torch.where(labels, desirable, undesirable)
+    desirable, undesirable = KTO_LOSSES[loss_type].fn(logratios, z0, beta)
+    losses = torch.where(labels, desirable_weight * desirable, undesirable_weight * undesirable)
 
     rewards = beta * logratios.detach()
     chosen_rewards, rejected_rewards = rewards[labels], rewards[~labels]

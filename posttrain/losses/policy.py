@@ -1,4 +1,4 @@
-"""GRPO family: group-relative advantages and one clipped policy-gradient loss.
+"""GRPO family: group-relative advantages and one policy-gradient core (clipped, CISPO or SAPO objective).
 
 Every variant is a setting of two functions:
 
@@ -44,6 +44,7 @@ from torch import Tensor
 
 __all__ = [
     "AGGREGATIONS",
+    "LOSS_TYPES",
     "group_advantages",
     "group_stats",
     "k3_kl",
@@ -263,13 +264,59 @@ AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "dr_grpo": _aggregate_dr_grpo,
     "dapo": _aggregate_dapo,
 }
-"""loss_type -> fn(per_token_loss [B, T], mask [B, T], num_items=None, max_completion_length=None) -> scalar."""
+"""aggregation -> fn(per_token_loss [B, T], mask [B, T], num_items=None, max_completion_length=None) -> scalar."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token objectives. Each: fn(ratio, logps, adv, o) -> per-token loss to minimise ([B, T] or [B, 1]), with
+# ratio = exp(logp - old_logp) at the importance-sampling level ([B, T] token, [B, 1] sequence), adv [B, 1]
+# and o the options (epsilon_low, epsilon_high, delta, sapo temperatures).
+
+
+def _objective_clip(ratio, logps, adv, o):
+    # PPO's clipped surrogate (GRPO, DeepSeekMath Eq. 3), with DAPO's decoupled bounds and the dual clip delta.
+    clipped = torch.clamp(ratio, 1 - o["epsilon_low"], 1 + o["epsilon_high"])
+    if o["delta"] is not None:
+        ratio = torch.clamp(ratio, max=o["delta"])
+    return -torch.min(ratio * adv, clipped * adv)
+
+
+def _objective_cispo(ratio, logps, adv, o):
+    # CISPO (MiniMax-M1, arXiv:2506.13585, Eq. 4; the epsilon_max form of ScaleRL, arXiv:2510.13786): REINFORCE
+    # with the importance weight capped at epsilon_high and detached, so every token keeps a gradient
+    # (PPO's clip zeroes it) but no weight exceeds the cap: -sg(min(r, eps_max)) A log pi.
+    return -torch.clamp(ratio, max=o["epsilon_high"]).detach() * adv * logps
+
+
+def _objective_sapo(ratio, logps, adv, o):
+    # SAPO (arXiv:2511.20347): a smooth gate instead of the hard clip, -(4/tau) sigma(tau (r - 1)) A, with
+    # tau = sapo_temperature_pos for A > 0 and sapo_temperature_neg otherwise. At r = 1 its gradient is the
+    # policy gradient; far off-policy tokens fade out instead of being cut.
+    tau = torch.where(adv > 0, o["sapo_temperature_pos"], o["sapo_temperature_neg"]).to(ratio.dtype)
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+
+
+OBJECTIVES: dict[str, Callable[..., Tensor]] = {"clip": _objective_clip, "cispo": _objective_cispo,
+                                                 "sapo": _objective_sapo}
+
+# loss_type -> (per-token objective, aggregation). The first four are AGGREGATIONS of the clipped objective
+# (TRL's loss_type values that only change how token losses are averaged); cispo and sapo are other objectives
+# whose aggregation TRL fixes: cispo over the active tokens of the step (as dapo), sapo per sequence (as grpo).
+LOSS_TYPES: dict[str, tuple[str, str]] = {
+    "grpo": ("clip", "grpo"),
+    "bnpo": ("clip", "bnpo"),
+    "dr_grpo": ("clip", "dr_grpo"),
+    "dapo": ("clip", "dapo"),
+    "cispo": ("cispo", "dapo"),
+    "sapo": ("sapo", "grpo"),
+}
 
 
 def loss_denominator(loss_type: str, mask: Tensor, max_completion_length: int | None = None) -> Tensor | None:
     """This micro-batch's share of ``num_items``: add it over all micro-batches of an optimizer step (and
     all-reduce over ranks) and pass the total to :func:`policy_loss`. None for ``bnpo`` (per micro-batch)."""
-    _check("loss_type", loss_type, tuple(AGGREGATIONS))
+    _check("loss_type", loss_type, tuple(LOSS_TYPES))
+    loss_type = LOSS_TYPES[loss_type][1]
     batch = torch.tensor(float(mask.shape[0]), device=mask.device)
     if loss_type == "grpo":
         return batch
@@ -297,6 +344,9 @@ def policy_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items: Tensor | float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss of the GRPO family (to minimise), as TRL's ``GRPOTrainer._compute_loss``.
 
@@ -313,11 +363,21 @@ def policy_loss(
     * ``delta``: two-sided / dual clip (INTELLECT-2 report, arXiv 2505.07291; TRL's ``delta``): the
       unclipped ratio is capped at ``delta`` (> 1 + epsilon_high), which bounds the loss of tokens with
       negative advantage and a very large ratio; for positive advantages it changes nothing.
-    * ``k3_t``: :func:`k3_kl` against ``ref_logps``, required when ``beta != 0``.
+    * ``k3_t``: :func:`k3_kl` against ``ref_logps``, required when ``beta != 0``. With
+      ``use_bias_correction_kl`` (TRL's default) it is multiplied by the importance ratio ``w_t``, so that its
+      gradient is the unbiased gradient of KL(pi_theta || pi_ref) (DeepSeek-V3.2, arXiv:2512.02556, Eq. 7):
+      E_old[w k3] = KL(pi || ref) and the gradient flows through ``w``, on-policy too (where w = 1 in value).
+      Without it the k3 gradient alone is biased.
 
-    The per-token losses are reduced by ``AGGREGATIONS[loss_type]`` (see the module docstring for
-    ``num_items``): ``grpo`` mean over each sequence's tokens then over sequences; ``bnpo`` token mean of
-    this batch; ``dr_grpo`` sum / (B * max_completion_length); ``dapo`` token sum / global token count.
+    ``loss_type`` picks the per-token objective and its aggregation (``LOSS_TYPES``):
+
+    * aggregations of the clipped objective above (see the module docstring for ``num_items``): ``grpo`` mean
+      over each sequence's tokens then over sequences; ``bnpo`` token mean of this batch; ``dr_grpo``
+      sum / (B * max_completion_length); ``dapo`` token sum / global token count.
+    * ``cispo``: -sg(min(w_t, epsilon_high)) A log pi_t (MiniMax-M1, arXiv 2506.13585; ``epsilon_high`` is the
+      cap on the ratio itself, e.g. 5.0, and must be given), aggregated as ``dapo``.
+    * ``sapo``: -(4 / tau) sigma(tau (w_t - 1)) A, tau = ``sapo_temperature_pos`` if A > 0 else
+      ``sapo_temperature_neg`` (arXiv 2511.20347), aggregated as ``grpo``.
 
     Args:
         logps, old_logps, ref_logps, mask: [B, T] per-token log-probs of the sampled completion tokens and the
@@ -325,13 +385,17 @@ def policy_loss(
         advantages: [B], one per completion.
 
     Returns:
-        ``(loss, metrics)``; metrics are detached and named as TRL logs them: ``kl`` (token mean of k3, when
-        ``ref_logps`` is given), ``clip_ratio/low_mean`` (ratio below 1 - epsilon with A < 0),
-        ``clip_ratio/high_mean`` (above 1 + epsilon_high with A > 0) and ``clip_ratio/region_mean`` (either).
-        They are token means, or sequence means at the "sequence" level. Entropy is the caller's.
+        ``(loss, metrics)``; metrics are detached and named as TRL logs them: ``kl`` (token mean of the KL term,
+        when ``ref_logps`` is given), for the clipped objective ``clip_ratio/low_mean`` (ratio below
+        1 - epsilon with A < 0), ``clip_ratio/high_mean`` (above 1 + epsilon_high with A > 0) and
+        ``clip_ratio/region_mean`` (either), for cispo ``cispo_clip_ratio`` (ratio above epsilon_high with
+        A > 0). They are token means, or sequence means at the "sequence" level. Entropy is the caller's.
     """
-    _check("loss_type", loss_type, tuple(AGGREGATIONS))
+    _check("loss_type", loss_type, tuple(LOSS_TYPES))
     _check("importance_sampling_level", importance_sampling_level, _IS_LEVELS)
+    objective, aggregation = LOSS_TYPES[loss_type]
+    if loss_type == "cispo" and epsilon_high is None:
+        raise ValueError("loss_type='cispo' needs epsilon_high: the cap on the importance ratio (e.g. 5.0)")
     if logps.ndim != 2 or mask.shape != logps.shape:
         raise ValueError(
             f"logps and mask must be [B, T] of one shape; got {tuple(logps.shape)}, {tuple(mask.shape)}"
@@ -352,18 +416,20 @@ def policy_loss(
     else:
         log_weights = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_weights)  # [B, T] or [B, 1]
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        ratio = torch.clamp(ratio, max=delta)
-
     adv = advantages.unsqueeze(1).to(logps.dtype)
-    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
-    per_token_kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
+    options = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "delta": delta,
+               "sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg}
+    per_token_loss = OBJECTIVES[objective](ratio, logps, adv, options)
+    per_token_kl = None
+    if ref_logps is not None:
+        per_token_kl = k3_kl(logps, ref_logps)
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * ratio
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     per_token_loss = per_token_loss.expand_as(mask)
 
-    loss = AGGREGATIONS[loss_type](
+    loss = AGGREGATIONS[aggregation](
         per_token_loss, mask, num_items=num_items, max_completion_length=max_completion_length
     )
 
@@ -376,13 +442,18 @@ def policy_loss(
             # Sequence-level ratios are one per sequence, so their clip fractions are sequence means (as TRL).
             return x.mean() if per_sequence else (x * mask).sum() / token_count
 
-        is_low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
-        is_high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
-        metrics = {
-            "clip_ratio/low_mean": ratio_mean(is_low),
-            "clip_ratio/high_mean": ratio_mean(is_high),
-            "clip_ratio/region_mean": ratio_mean(torch.maximum(is_low, is_high)),
-        }
+        metrics = {}
+        if objective == "clip":
+            is_low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
+            is_high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
+            metrics = {
+                "clip_ratio/low_mean": ratio_mean(is_low),
+                "clip_ratio/high_mean": ratio_mean(is_high),
+                "clip_ratio/region_mean": ratio_mean(torch.maximum(is_low, is_high)),
+            }
+        elif objective == "cispo":
+            metrics["cispo_clip_ratio"] = ratio_mean(((ratio > epsilon_high) & (adv > 0)).to(logps.dtype))
         if per_token_kl is not None:
-            metrics["kl"] = (per_token_kl * mask).sum() / token_count
+            kl = per_token_kl.expand_as(mask) if per_token_kl.shape != mask.shape else per_token_kl
+            metrics["kl"] = (kl * mask).sum() / token_count
     return loss, metrics

@@ -101,30 +101,38 @@ class PreferenceInputs:
         return self.logratios()
 
     def scores(self) -> tuple[Tensor, Tensor]:
-        """Log-ratios mapped through f'(u) of the f-divergence, constants dropped (f-DPO: Wang et al.,
-        2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
-        Constraints", arXiv:2309.16240, Theorem 1: the DPO logit becomes f'(u_w) - f'(u_l), u = pi/ref).
+        """Log-ratios mapped through f'(u) of the f-divergence (f-DPO: Wang et al., 2023, "Beyond Reverse KL:
+        Generalizing Direct Preference Optimization with Diverse Divergence Constraints", arXiv:2309.16240,
+        Theorem 1: the DPO logit becomes f'(u_w) - f'(u_l), u = pi/ref), with the additive constant chosen so
+        that f'(1) = 0, as TRL >= 1.0 does:
 
-        reverse_kl        f'(u) = log u + 1            -> x            (x = log u, plain DPO)
-        forward_kl        f'(u) = 1 - 1/u              -> -exp(-x)
-        js_divergence     f'(u) = log(2u / (1 + u))    -> log sigma(x)
-        alpha_divergence  f'(u) = (u^(a-1) - 1)/(a-1)  -> exp((a-1) x) / (a-1),  a = f_alpha
+        reverse_kl        f'(u) = log u                  -> x             (x = log u, plain DPO)
+        forward_kl        f'(u) = 1 - 1/u                -> 1 - exp(-x)
+        js_divergence     f'(u) = log(2u / (1 + u))      -> log 2 + log sigma(x)
+        alpha_divergence  f'(u) = (u^(a-1) - 1) / (a-1)  -> expm1((a-1) x) / (a-1),  a = f_alpha
 
-        f_alpha follows TRL >= 1.0, where f_alpha = 1 - (the paper's alpha): f_alpha -> 1 is reverse KL
-        (|f_alpha - 1| < 1e-6 is treated as exactly reverse KL, as TRL does), f_alpha = 0 is forward KL.
-        TRL 0.x used the paper's alpha; the two agree at the default 0.5.
+        Why the constant matters: the paper defines the implicit reward only up to a constant (its f' for
+        reverse KL is log u + 1, for forward KL -1/u), which cancels in c_s - r_s. It does not cancel once a
+        loss divides each side by its length (ipo, sigmoid_norm): there a constant k adds k (1/|y_w| - 1/|y_l|),
+        a preference for one length over the other already at the reference policy (u = 1). With f'(1) = 0 the
+        reference policy scores 0 on every completion under every divergence, as DPO's log u does, and the
+        alpha family is continuous in a: a -> 1 gives log u (reverse KL), a = 0 gives forward KL.
+        (posttrain before this change dropped the constants instead, which agreed with TRL except there.)
+
+        f_alpha follows TRL >= 1.0, where f_alpha = 1 - (the paper's alpha): |f_alpha - 1| < 1e-6 is treated
+        as exactly reverse KL, as TRL does. TRL 0.x used the paper's alpha; the two agree at the default 0.5.
         """
         c, r = self.logratios()
         kind = self.f_divergence
         if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(self.f_alpha - 1.0) < 1e-6):
             return c, r
         if kind == "forward_kl":
-            return -torch.exp(-c), -torch.exp(-r)
+            return -torch.expm1(-c), -torch.expm1(-r)
         if kind == "js_divergence":
-            return F.logsigmoid(c), F.logsigmoid(r)
+            return math.log(2) + F.logsigmoid(c), math.log(2) + F.logsigmoid(r)
         a1 = self.f_alpha - 1.0
         cap = _ALPHA_EXP_MAX.get(c.dtype, 80.0)
-        return torch.exp((a1 * c).clamp(max=cap)) / a1, torch.exp((a1 * r).clamp(max=cap)) / a1
+        return torch.expm1((a1 * c).clamp(max=cap)) / a1, torch.expm1((a1 * r).clamp(max=cap)) / a1
 
     def lengths(self) -> tuple[Tensor, Tensor]:
         """(chosen, rejected) completion token counts as floats, at least 1 (TRL clamps the same way)."""
@@ -149,6 +157,13 @@ class PreferenceInputs:
         c, r = self.logratios()
         return (self.beta * c).detach(), (self.beta * r).detach()
 
+
+# Why only some losses take an f-divergence: f-DPO's reparameterisation gives the reward
+# beta f'(pi/ref) + beta log Z(x) (Wang et al. 2023, arXiv:2309.16240, Theorem 1), and log Z(x) cancels only in
+# the chosen-minus-rejected difference. Losses that read the chosen or rejected log-ratio on its own (nca_pair,
+# bco_pair, sppo_hard, apo_zero, apo_down) or sort them (aot, aot_unpaired) have no f-divergence form; asking
+# for one is an error here, as in TRL >= 1.0 (which accepts it for the same set: sigmoid, sigmoid_norm, hinge,
+# ipo, exo_pair, robust, discopop).
 
 LossFn = Callable[[PreferenceInputs], LossTerm]
 PREFERENCE_LOSSES: dict[str, LossFn] = {}
@@ -245,12 +260,13 @@ def _exo_pair(x: PreferenceInputs) -> LossTerm:
     return _term(losses, x.reference_rewards())
 
 
-@register_preference_loss("nca_pair", uses=("f_divergence",))
+@register_preference_loss("nca_pair")
 def _nca_pair(x: PreferenceInputs) -> LossTerm:
     """NCA (pairwise): Chen, Li, Su, Zhu, Chen, Yang, Zhao, 2024, "Noise Contrastive Alignment of
     Language Models with Explicit Rewards", arXiv:2402.05369:
-    -log sigma(beta c_s) - 1/2 log sigma(-beta c_s) - 1/2 log sigma(-beta r_s)."""
-    c, r = x.scores()
+    -log sigma(beta c) - 1/2 log sigma(-beta c) - 1/2 log sigma(-beta r). No f-divergence (see the note above
+    the registry)."""
+    c, r = x.logratios()
     losses = -F.logsigmoid(x.beta * c) - 0.5 * F.logsigmoid(-x.beta * c) - 0.5 * F.logsigmoid(-x.beta * r)
     return _term(losses, x.reference_rewards())
 
@@ -269,25 +285,25 @@ def _robust(x: PreferenceInputs) -> LossTerm:
     return _term(losses, x.reference_rewards())
 
 
-@register_preference_loss("bco_pair", uses=("f_divergence", "bco_delta"))
+@register_preference_loss("bco_pair", uses=("bco_delta",))
 def _bco_pair(x: PreferenceInputs) -> LossTerm:
     """BCO (pairwise): Jung, Han, Kim, Kim, Lee, Hwang, 2024, "Binary Classifier Optimization for Large
     Language Model Alignment", arXiv:2404.04656: a binary classifier on the implicit reward shifted by
     delta, -log sigma(beta c_s - delta) - log sigma(-(beta r_s - delta)). The paper (and TRL 0.x) take
     delta as a running mean of the rewards, which is state; this pure function takes it as the option
-    `bco_delta` (default 0, which is what TRL >= 1.0 uses)."""
-    c, r = x.scores()
+    `bco_delta` (default 0, which is what TRL >= 1.0 uses). No f-divergence (see the note above the registry)."""
+    c, r = x.logratios()
     d = x.options["bco_delta"]
     losses = -F.logsigmoid(x.beta * c - d) - F.logsigmoid(-(x.beta * r - d))
     return _term(losses, x.reference_rewards())
 
 
-@register_preference_loss("sppo_hard", uses=("f_divergence",))
+@register_preference_loss("sppo_hard")
 def _sppo_hard(x: PreferenceInputs) -> LossTerm:
     """SPPO with hard labels: Wu, Sun, Yuan, Ji, Yang, Gu, 2024, "Self-Play Preference Optimization for
     Language Model Alignment", arXiv:2405.00675, Eq. 4.7 with the win probability set to 1 for the
-    chosen and 0 for the rejected completion: (c_s - 1/(2 beta))^2 + (r_s + 1/(2 beta))^2."""
-    c, r = x.scores()
+    chosen and 0 for the rejected completion: (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2. No f-divergence."""
+    c, r = x.logratios()
     losses = (c - 0.5 / x.beta) ** 2 + (r + 0.5 / x.beta) ** 2
     return _term(losses, x.reference_rewards())
 
@@ -327,14 +343,13 @@ def _apo_zero(x: PreferenceInputs) -> LossTerm:
     return _term(1 - torch.sigmoid(x.beta * c) + torch.sigmoid(x.beta * r), x.reference_rewards())
 
 
-@register_preference_loss("apo_down", uses=("f_divergence",))
+@register_preference_loss("apo_down")
 def _apo_down(x: PreferenceInputs) -> LossTerm:
     """APO-down: D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. 8: sigma(beta c) + 1 - sigma(beta h).
     Use when the chosen outputs are worse than the model's own: lowers both likelihoods, the rejected
-    one more. As in TRL, the f-divergence transform reaches only the h term."""
-    c, _ = x.logratios()
-    cs, rs = x.scores()
-    return _term(torch.sigmoid(x.beta * c) + 1 - torch.sigmoid(x.beta * (cs - rs)), x.reference_rewards())
+    one more. No f-divergence: its first term reads c on its own (see the note above the registry)."""
+    c, r = x.logratios()
+    return _term(torch.sigmoid(x.beta * c) + 1 - torch.sigmoid(x.beta * (c - r)), x.reference_rewards())
 
 
 @register_preference_loss("discopop", uses=("f_divergence", "discopop_tau"))
@@ -532,7 +547,9 @@ def _check_options(names, terms, label_smoothing, f_divergence, f_alpha, loss_sp
     for opt in set_options:
         if opt not in readers:
             users = sorted(n for n, fn in PREFERENCE_LOSSES.items() if opt in fn.uses)
-            raise ValueError(f"option {opt!r} is not used by loss {names}; losses that use it: {users}")
+            why = (" (an f-divergence needs a loss of the chosen-minus-rejected reward difference)"
+                   if opt == "f_divergence" else "")
+            raise ValueError(f"option {opt!r} is not used by loss {names}; losses that use it: {users}{why}")
 
 
 def _check_inputs(terms: list[tuple[str, float]], x: PreferenceInputs) -> None:

@@ -1,5 +1,6 @@
 """KTO loss, KL reference point and class-balance warning, against hand-computed numbers."""
 
+import pytest
 import torch
 
 from posttrain.losses.kto import desirable_ratio_warning, kl_estimate, kto_loss
@@ -92,3 +93,15 @@ def test_desirable_ratio_warning():
     assert "1.500" in text and "[0.667, 0.889]" in text and "[1.125, 1.500]" in text
     assert "0.500" in desirable_ratio_warning(1, 2)  # 0.5 < 1
     assert desirable_ratio_warning(0, 5) is not None
+
+
+def test_apo_zero_unpaired_hand_values():
+    """TRL's KTO loss_type="apo_zero_unpaired": desirable 1 - sigma(beta r), undesirable sigma(beta r), no z0.
+    r = (-10 + 12, -10 + 9) = (2, -1), beta 0.5: 1 - sigma(1) = 0.268941; sigma(-0.5) = 0.377541, then the
+    class weights 2 and 3. The reference point is not read: kl=5 changes nothing."""
+    out = kto_loss(t([-10.0, -10.0]), t([-12.0, -9.0]), torch.tensor([True, False]), kl=5.0, beta=0.5,
+                   desirable_weight=2.0, undesirable_weight=3.0, loss_type="apo_zero_unpaired")
+    torch.testing.assert_close(out.losses, t([2 * 0.2689414, 3 * 0.3775407]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, t([1.0]))  # beta * r, as for kto
+    with pytest.raises(ValueError, match="unknown KTO loss_type 'bco'"):
+        kto_loss(t([-1.0]), t([-1.0]), torch.tensor([True]), 0.0, loss_type="bco")

@@ -7,6 +7,7 @@ import torch
 
 from posttrain.losses.policy import (
     AGGREGATIONS,
+    LOSS_TYPES,
     group_advantages,
     group_stats,
     k3_kl,
@@ -253,13 +254,27 @@ def test_sequence_level_ratio_gspo():
 
 def test_kl_penalty_and_metric():
     # A = 0, so only beta * k3 remains: k3(logp=-1, ref=-2) = e^-1 = 0.3678794; beta = 0.1 -> 0.0367879
-    # d/dlogp of beta*k3 = beta * (1 - e^(ref - logp)) = 0.1 * (1 - 0.3678794) = 0.0632121
+    # Plain k3: d/dlogp of beta*k3 = beta * (1 - e^(ref - logp)) = 0.1 * (1 - 0.3678794) = 0.0632121
     logps = t([[-1.0]]).requires_grad_(True)
-    loss, metrics = policy_loss(logps, None, t([0.0]), torch.ones(1, 1), ref_logps=t([[-2.0]]), beta=0.1)
+    loss, metrics = policy_loss(logps, None, t([0.0]), torch.ones(1, 1), ref_logps=t([[-2.0]]), beta=0.1,
+                                use_bias_correction_kl=False)
     loss.backward()
     torch.testing.assert_close(loss, t(0.0367879), rtol=0, atol=1e-7)
     torch.testing.assert_close(logps.grad, t([[0.0632121]]), rtol=0, atol=1e-7)
     torch.testing.assert_close(metrics["kl"], t(0.3678794), rtol=0, atol=1e-7)
+    # With the ratio correction (the default, as TRL): w = exp(logp - sg(logp)) is 1 in value, so the loss and the
+    # metric do not change, but the gradient gains beta * k3 * dw/dlogp = 0.0367879:
+    # beta (1 - e^d) + beta (e^d - d - 1) = -beta d = beta (logp - ref) = 0.1, the exact gradient of
+    # beta * KL(pi || ref) = beta E_pi[logp - ref] per sampled token (score-function form).
+    logps.grad = None
+    loss, metrics = policy_loss(logps, None, t([0.0]), torch.ones(1, 1), ref_logps=t([[-2.0]]), beta=0.1)
+    loss.backward()
+    torch.testing.assert_close(loss, t(0.0367879), rtol=0, atol=1e-7)
+    torch.testing.assert_close(logps.grad, t([[0.1]]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(metrics["kl"], t(0.3678794), rtol=0, atol=1e-7)
+    # Off-policy (old logp -1.5, so w = e^0.5): value and metric are w * k3.
+    loss, metrics = policy_loss(logps, t([[-1.5]]), t([0.0]), torch.ones(1, 1), ref_logps=t([[-2.0]]), beta=0.1)
+    torch.testing.assert_close(loss, t(math.exp(-1) * 0.1 * math.exp(0.5)), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="ref_logps"):
         policy_loss(logps, None, t([0.0]), torch.ones(1, 1), beta=0.1)
 
@@ -293,9 +308,65 @@ def test_grpo_aggregation_empty_sequence_counts_zero():
     torch.testing.assert_close(AGGREGATIONS["grpo"](PTL, t([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])), t(2.0))
 
 
+@pytest.mark.parametrize(
+    "eps_max, adv, expected, grad",
+    [
+        # r = e^(-1 - (-1.5)) = e^0.5 = 1.648721 is above the cap 1.2: -1.2 * 2 * logp(-1) = 2.4, d/dlogp = -2.4
+        (1.2, 2.0, 2.4, -2.4),
+        # cap 5: the weight is r itself: 1.648721 * 2 = 3.297443 (value and minus the gradient)
+        (5.0, 2.0, 3.297443, -3.297443),
+        # negative advantage: the cap acts on the weight only, the sign comes from A: -1.2 * -1 * -1 = -1.2
+        (1.2, -1.0, -1.2, 1.2),
+    ],
+)
+def test_cispo_single_token(eps_max, adv, expected, grad):
+    """CISPO: -sg(min(r, eps_max)) A logp. The weight is detached, so the gradient is -min(r, eps_max) A even
+    where PPO's clip would have zeroed it."""
+    logps = t([[-1.0]]).requires_grad_(True)
+    loss, metrics = policy_loss(logps, t([[-1.5]]), t([adv]), torch.ones(1, 1), epsilon_high=eps_max, loss_type="cispo")
+    loss.backward()
+    torch.testing.assert_close(loss, t(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logps.grad, t([[grad]]), rtol=0, atol=1e-6)
+    assert metrics["cispo_clip_ratio"].item() == float(eps_max < 1.648721 and adv > 0)
+    with pytest.raises(ValueError, match="cispo' needs epsilon_high"):
+        policy_loss(logps, None, t([adv]), torch.ones(1, 1), loss_type="cispo")
+
+
+def test_sapo_single_token_and_on_policy_gradient():
+    """SAPO: -(4/tau) sigma(tau (r - 1)) A with r = e^0.5 = 1.648721.
+    A = 2, tau_pos = 1: -8 sigma(0.648721) = -5.253778; d/dlogp = -8 sigma (1 - sigma) r = -2.973477.
+    A = -1, tau_neg = 1.05: (4/1.05) sigma(0.681157) = 2.529512; d/dlogp = 4 sigma (1 - sigma) r = 1.471352.
+    On-policy (r = 1) the gradient is the policy gradient -A, as for the clipped objective."""
+    for adv, expected, grad in ((2.0, -5.253778, -2.973477), (-1.0, 2.529512, 1.471352)):
+        logps = t([[-1.0]]).requires_grad_(True)
+        loss, metrics = policy_loss(logps, t([[-1.5]]), t([adv]), torch.ones(1, 1), loss_type="sapo")
+        loss.backward()
+        torch.testing.assert_close(loss, t(expected), rtol=0, atol=1e-6)
+        torch.testing.assert_close(logps.grad, t([[grad]]), rtol=0, atol=1e-6)
+        assert "clip_ratio/region_mean" not in metrics
+    logps = t([[-1.0, -2.0]]).requires_grad_(True)
+    policy_loss(logps, None, t([0.7]), torch.ones(1, 2), loss_type="sapo")[0].backward()
+    torch.testing.assert_close(logps.grad, t([[-0.35, -0.35]]), rtol=0, atol=1e-12)  # -A / 2 tokens (grpo mean)
+
+
+def test_loss_types_pair_an_objective_with_an_aggregation():
+    """cispo aggregates like dapo (token sum / the step's token count), sapo like grpo (sequence means)."""
+    logps, old, _, mask, adv = _batch()
+    cispo, _ = policy_loss(logps, old, adv, mask, epsilon_high=1.3, loss_type="cispo", num_items=20.0)
+    per_token = -torch.clamp(torch.exp(logps - old), max=1.3) * adv[:, None] * logps
+    torch.testing.assert_close(cispo, (per_token * mask).sum() / 20.0)
+    sapo, _ = policy_loss(logps, old, adv, mask, loss_type="sapo")
+    tau = torch.where(adv > 0, 1.0, 1.05)[:, None].to(D)
+    per_token = -torch.sigmoid(tau * (torch.exp(logps - old) - 1)) * 4 / tau * adv[:, None]
+    torch.testing.assert_close(sapo, ((per_token * mask).sum(-1) / mask.sum(-1)).mean())
+    assert loss_denominator("cispo", MASK).item() == 3 and loss_denominator("sapo", MASK).item() == 2
+
+
 def test_registry_and_unknown_loss_type():
     assert set(AGGREGATIONS) == {"grpo", "bnpo", "dr_grpo", "dapo"}
-    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
+    assert LOSS_TYPES == {"grpo": ("clip", "grpo"), "bnpo": ("clip", "bnpo"), "dr_grpo": ("clip", "dr_grpo"),
+                          "dapo": ("clip", "dapo"), "cispo": ("cispo", "dapo"), "sapo": ("sapo", "grpo")}
+    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo, cispo, sapo"):
         policy_loss(t([[0.0]]), None, t([1.0]), torch.ones(1, 1), loss_type="ppo")
     with pytest.raises(ValueError, match="max_completion_length"):
         policy_loss(t([[0.0]]), None, t([1.0]), torch.ones(1, 1), loss_type="dr_grpo")
@@ -318,7 +389,7 @@ def _batch(seed=0, b=4, tt=5):
     return logps, old, ref, mask, adv
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "cispo", "sapo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("micro", [4, 2, 1])  # 1 x 4, 2 x 2, 4 x 1 split of a batch of 4
 def test_micro_batch_split_gives_same_loss_and_gradient(loss_type, level, micro):
@@ -326,7 +397,7 @@ def test_micro_batch_split_gives_same_loss_and_gradient(loss_type, level, micro)
     kw = {
         "ref_logps": ref,
         "beta": 0.04,
-        "epsilon_high": 0.28,
+        "epsilon_high": 1.3 if loss_type == "cispo" else 0.28,
         "delta": 2.0,
         "importance_sampling_level": level,
         "loss_type": loss_type,

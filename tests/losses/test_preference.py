@@ -98,9 +98,6 @@ SINGLE_PAIR_CASES = [
     ("sppo_hard", {}, 39.73),  # (0.8 - 5)^2 + (-0.3 + 5)^2 = 17.64 + 22.09
     ("apo_zero", {}, 0.9725112),  # 1 - sigma(0.08) + sigma(-0.03) = 1 - 0.519989 + 0.492501
     ("apo_down", {}, 0.9925170),  # sigma(0.08) + 1 - sigma(0.11) = 0.519989 + 1 - 0.527472
-    # f-divergence reaches only the h term (TRL): js h = log sigma(0.8) - log sigma(-0.3) = 0.483255
-    # sigma(0.08) + 1 - sigma(0.0483255) = 0.519989 + 1 - 0.512079
-    ("apo_down", {"f_divergence": "js_divergence"}, 1.0079103),
     # forward KL h = -e^-0.8 + e^0.3 = 0.900530: relu(1 - 0.0900530)
     ("hinge", {"f_divergence": "forward_kl"}, 0.9099470),
     # m = sigma(0.11 / 0.05) = sigma(2.2) = 0.900250; (1 - m) * 0.639659 + m * e^-0.11 (= 0.895834)
@@ -240,12 +237,11 @@ def test_alpha_divergence_limits():
     alpha = lambda a: (
         preference_loss("sigmoid", c, r, f_divergence="alpha_divergence", f_alpha=a, **kw).losses
     )
-    # exp((a-1)x)/(a-1) = 1/(a-1) + x + (a-1) x^2/2 + ...: the constant cancels in c_s - r_s, so the
-    # difference to reverse KL shrinks linearly in (1 - a)
+    # expm1((a-1)x)/(a-1) = x + (a-1) x^2/2 + ...: the difference to reverse KL shrinks linearly in (1 - a)
     assert (alpha(1 - 1e-3) - reverse).abs().max() < 1e-3
     assert (alpha(1 - 1e-5) - reverse).abs().max() < 1e-5
     torch.testing.assert_close(alpha(1.0), reverse)  # exactly 1: TRL's reverse-KL fallback
-    torch.testing.assert_close(alpha(0.0), forward)  # a = 0: exp(-x)/(-1) = forward KL's -exp(-x)
+    torch.testing.assert_close(alpha(0.0), forward)  # a = 0: expm1(-x)/(-1) = forward KL's 1 - exp(-x)
     # TRL 0.x parametrised by the paper's alpha' = 1 - a: logits = (exp(-a' r) - exp(-a' c)) / a'
     a_paper = 0.3
     cl, rl = c - rc, r - rr
@@ -253,6 +249,22 @@ def test_alpha_divergence_limits():
         0.5 * (torch.exp(-a_paper * rl) - torch.exp(-a_paper * cl)) / a_paper
     )
     torch.testing.assert_close(alpha(1 - a_paper), trl0)
+
+
+@pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm"])
+def test_length_normalised_losses_have_no_length_preference_at_the_reference(name, f_divergence):
+    """At the reference policy (every log-ratio 0) the score f'(1) is 0 under every divergence, so a loss that
+    divides each side by its length sees the same zero margin as DPO, whatever the lengths (10 vs 3 tokens). With
+    f'(1) = k != 0 the margin would be k (1/10 - 1/3), a push towards one length before any learning."""
+    zero = t(-5.0, -7.0)
+    kw = dict(ref_chosen_logps=zero, ref_rejected_logps=zero, chosen_lengths=t(10, 10), rejected_lengths=t(3, 3))
+    reverse = preference_loss(name, zero, zero, **kw).losses
+    other = preference_loss(name, zero, zero, f_divergence=f_divergence, **kw).losses
+    torch.testing.assert_close(other, reverse, rtol=0, atol=1e-15)
+    # Away from the reference the scores differ from the log-ratios (the divergence does something).
+    moved = preference_loss(name, zero + 0.5, zero - 0.5, f_divergence=f_divergence, **kw).losses
+    assert (moved - preference_loss(name, zero + 0.5, zero - 0.5, **kw).losses).abs().min() > 1e-4
 
 
 # ---------------------------------------------------------------- gradients and limits
@@ -410,6 +422,12 @@ def test_losses_are_differentiable_rewards_detached():
         ([], {}, "empty"),
         ("hinge", {"label_smoothing": 0.1}, "'label_smoothing' is not used by loss \\['hinge'\\]"),
         ("aot", {"f_divergence": "js_divergence"}, "'f_divergence' is not used"),
+        ("apo_down", {"f_divergence": "js_divergence"}, "'f_divergence' is not used by loss \\['apo_down'\\].*"
+         "chosen-minus-rejected"),
+        ("nca_pair", {"f_divergence": "forward_kl"}, "'f_divergence' is not used"),
+        ("bco_pair", {"f_divergence": "alpha_divergence"}, "'f_divergence' is not used"),
+        ("sppo_hard", {"f_divergence": "js_divergence"}, "'f_divergence' is not used"),
+        ("apo_zero", {"f_divergence": "forward_kl"}, "'f_divergence' is not used"),
         ("simpo", {"f_divergence": "forward_kl"}, "'f_divergence' is not used"),
         ("sigmoid", {"f_divergence": "chi2"}, "unknown f_divergence"),
         ("sigmoid", {"f_alpha": 0.3}, "f_alpha=0.3 is only read with f_divergence='alpha_divergence'"),
