@@ -154,8 +154,15 @@ NATIVE_VALUES: dict[str, Callable[[Any], Any]] = {
     "metric_for_best_model": _none_is_default,
 }
 
+# ModelConfig's LoRA defaults: a lora_* key at its default is silent without use_peft (it changes nothing).
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": None}
+
 # TRL keys combined by the rules in `_derive` (batch arithmetic, LoRA switch, model_init_kwargs).
 DERIVED = ("per_device_train_batch_size", "gradient_accumulation_steps", "use_peft", "model_init_kwargs")
+
+class Quiet(tuple):
+    """Several values that all mean "TRL's default" for an ignored option (trainers override some defaults)."""
+
 
 # Meaningless here: key -> (TRL's default, why). A value other than the default gives one warning line.
 IGNORED: dict[str, tuple[Any, str]] = {
@@ -186,7 +193,7 @@ IGNORED: dict[str, tuple[Any, str]] = {
     "dataloader_drop_last": (False, "no DataLoader; a step always takes batch_size examples"),
     "dataloader_multiprocessing_context": (None, "no DataLoader"),
     "dataloader_in_order": (True, "no DataLoader"),
-    "remove_unused_columns": (True, "columns are read by name"),
+    "remove_unused_columns": (Quiet((True, False)), "columns are read by name"),
     "label_names": (None, "columns are read by name"),
     "length_column_name": ("length", "no length-grouped sampler"),
     "dataset_num_proc": (None, "tokenization runs in the training process"),
@@ -234,8 +241,9 @@ IGNORED: dict[str, tuple[Any, str]] = {
     "do_train": (False, "the command trains"),
     "do_eval": (False, "evaluation follows eval_strategy"),
     "do_predict": (False, "no prediction"),
-    "train_sampling_strategy": ("random", "examples are shuffled per epoch by `seed`; KTO's mismatched pairs are fixed"),
-    "shuffle_dataset": (True, "examples are always shuffled per epoch"),
+    "train_sampling_strategy": (Quiet(("random", "sequential")),
+                                "examples are shuffled per epoch by `seed`; KTO's mismatched pairs are fixed"),
+    "shuffle_dataset": (Quiet((True, False)), "examples are always shuffled per epoch"),
     "average_tokens_across_devices": (True, "loss normalisers always count over every process"),
     "router_aux_loss_coef": (None, "no MoE auxiliary loss"),
     "pad_token": (None, "the tokenizer's pad token (else EOS) is used; padding is masked out"),
@@ -314,6 +322,20 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "packing_strategy": (("bfd",), "packing here is best-fit without splitting examples (TRL's bfd)"),
     "use_adaptive_entropy": ((False,), "a fixed entropy_coef"),
     "off_policy_mask_threshold": ((None,), "no off-policy sequence masking"),
+    "loss_type": (("nll",), "SFT trains on the negative log-likelihood (TRL's dft is not implemented)"),
+    "sync_ref_model": ((False,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
+    "ref_model_mixup_alpha": ((0.6,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
+    "ref_model_sync_steps": ((512,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
+    "steps_per_generation": ((None,), "one generation per optimizer step (num_iterations reuses it)"),
+    "generation_batch_size": ((None,), "one generation per optimizer step (num_iterations reuses it)"),
+    "num_generations_eval": ((None,), "evaluation decodes greedily, one completion per prompt"),
+    "min_p": ((None,), "sampling with temperature, top_p and top_k"),
+    "repetition_penalty": ((1.0,), "sampling with temperature, top_p and top_k"),
+    "generation_kwargs": ((None, {}), "sampling with temperature, top_p and top_k"),
+    "chat_template_kwargs": ((None, {}), "the chat template is rendered without extra arguments"),
+    "num_completions_to_print": ((None,), "log_completions writes every completion to completions.jsonl"),
+    "top_entropy_quantile": ((1.0,), "every completion token is trained"),
+    "entropy_coef": ((0.0, 0), "no entropy bonus"),
 }
 
 
@@ -432,7 +454,7 @@ def translate(cls, file_values: dict, cli_values: dict, lines: dict, world_size:
                 derived_raw[key] = (value, lab, cli)  # the command line beats the file
             elif key in IGNORED and training:
                 default, why = IGNORED[key]
-                if not _same(value, default):
+                if not any(_same(value, d) for d in (default if isinstance(default, Quiet) else (default,))):
                     _warn_once(f"{lab}: ignored ({why})", warned)
             elif key in UNSUPPORTED and training:
                 accepted, why = UNSUPPORTED[key]
@@ -507,7 +529,8 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
             for key in [k for k in sets if k.startswith("lora.")]:
                 trl = [s for s in sets[key] if s.name.startswith("lora_")]
                 for s in trl:
-                    _warn_once(f"{s.label}: ignored without use_peft: true (as in TRL)", warned)
+                    if not _same(s.raw, LORA_DEFAULTS.get(s.name)):
+                        _warn_once(f"{s.label}: ignored without use_peft: true (as in TRL)", warned)
                 sets[key] = [s for s in sets[key] if s not in trl]
                 if not sets[key]:
                     del sets[key]
