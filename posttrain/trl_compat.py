@@ -152,6 +152,7 @@ NATIVE_VALUES: dict[str, Callable[[Any], Any]] = {
     "eval_steps": _none_is_default,
     "save_total_limit": _none_is_default,
     "metric_for_best_model": _none_is_default,
+    "num_completions_to_print": _none_is_default,
 }
 
 # ModelConfig's LoRA defaults: a lora_* key at its default is silent without use_peft (it changes nothing).
@@ -218,7 +219,6 @@ IGNORED: dict[str, tuple[Any, str]] = {
     "log_level": ("passive", "posttrain logs at INFO"),
     "log_level_replica": ("warning", "only process 0 logs"),
     "include_num_input_tokens_seen": ("no", "tokens_per_second is always logged"),
-    "run_name": (None, "the run is named by output_dir"),
     "project": ("huggingface", "tracker projects are not configured here"),
     "trackio_space_id": (None, "tracker spaces are not configured here"),
     "trackio_bucket_id": (None, "tracker spaces are not configured here"),
@@ -333,7 +333,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "repetition_penalty": ((1.0,), "sampling with temperature, top_p and top_k"),
     "generation_kwargs": ((None, {}), "sampling with temperature, top_p and top_k"),
     "chat_template_kwargs": ((None, {}), "the chat template is rendered without extra arguments"),
-    "num_completions_to_print": ((None,), "log_completions writes every completion to completions.jsonl"),
     "top_entropy_quantile": ((1.0,), "every completion token is trained"),
     "entropy_coef": ((0.0, 0), "no entropy bonus"),
 }

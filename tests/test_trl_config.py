@@ -13,7 +13,15 @@ import yaml
 from posttrain import cli
 from posttrain.algorithms import dpo, grpo, kto, rm, sft
 from posttrain.config import LoraConfig, UserError, load_config
-from posttrain.trl_compat import ALIASES, IGNORED, NATIVE_VALUES, THINK_FORMAT_PATTERN, UNSUPPORTED, Quiet, translate
+from posttrain.trl_compat import (
+    ALIASES,
+    IGNORED,
+    NATIVE_VALUES,
+    THINK_FORMAT_PATTERN,
+    UNSUPPORTED,
+    Quiet,
+    translate,
+)
 
 DPO_FULL = """\
 dataset_name: trl-lib/ultrafeedback_binarized
@@ -168,7 +176,7 @@ def test_grpo_example_divides_completions_by_num_generations(tmp_path, caplog):
     assert (cfg.batch_size, cfg.micro_batch_size, cfg.num_generations) == (4, 8, 8)
     assert cfg.reward_funcs == ["accuracy", "format"] and cfg.format_pattern == THINK_FORMAT_PATTERN
     assert (cfg.scale_rewards, cfg.loss_type, cfg.epsilon_high, cfg.mask_truncated_completions) == ("none", "dapo", 0.28, True)
-    assert (cfg.lr_scheduler, cfg.warmup_steps, cfg.bf16, cfg.report_to) == ("constant", 0.05, True, [])
+    assert (cfg.lr_scheduler, cfg.warmup_steps, cfg.bf16, cfg.report_to) == ("constant", 0.05, True, ["none"])
     assert (cfg.save_strategy, cfg.save_steps, cfg.logging_steps, cfg.log_completions) == ("steps", 100, 10, True)
     assert "use_vllm: ignored" in caplog.text and "vllm_mode" not in caplog.text  # vllm_mode is TRL's default
     assert load(grpo.Config, GRPO_DOC, tmp_path, world_size=2).batch_size == 8
@@ -282,7 +290,7 @@ def test_alias(key, tmp_path):
         (sft.Config, "resume_from_checkpoint: false", "resume_from_checkpoint", None),
         (sft.Config, "report_to: wandb", "report_to", ["wandb"]),
         (sft.Config, "report_to: all", "report_to", ["all"]),
-        (sft.Config, "report_to: none", "report_to", []),
+        (sft.Config, "report_to: none", "report_to", ["none"]),
         (sft.Config, "report_to: [tensorboard, wandb]", "report_to", ["tensorboard", "wandb"]),
         (grpo.Config, "reward_funcs: [accuracy_reward, get_soft_overlong_punishment, my_lib.rewards.score]",
          "reward_funcs", ["accuracy", "length", "my_lib.rewards:score"]),
@@ -292,6 +300,7 @@ def test_alias(key, tmp_path):
         (sft.Config, "eval_steps: null", "eval_steps", 0),
         (sft.Config, "save_total_limit: null", "save_total_limit", None),
         (sft.Config, "metric_for_best_model: null", "metric_for_best_model", None),
+        (grpo.Config, "num_completions_to_print: null", "num_completions_to_print", 4),
     ],
 )
 def test_trl_values_of_posttrain_keys(cls, text, key, expected, tmp_path):

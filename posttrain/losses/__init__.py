@@ -32,11 +32,11 @@ from posttrain.losses.reward import bradley_terry_loss
 
 __all__ = [
     "AGGREGATIONS",
-    "KTOLossOutput",
     "KTO_LOSSES",
     "LOSS_TYPES",
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE_LOSSES",
+    "KTOLossOutput",
     "PreferenceLossOutput",
     "bradley_terry_loss",
     "cpo_loss",

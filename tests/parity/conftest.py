@@ -6,10 +6,13 @@ model that returns chosen per-token log-probs; nothing of TRL's formulas is re-t
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer and ORPOTrainer live in trl.experimental
 
 try:  # a missing TRL fails the run loudly (the README's test command installs it), never skips it quietly
     import trl
@@ -71,9 +74,9 @@ def bare_trainer(cls, **attributes):
     """An instance of TRL's trainer class without running its __init__, holding only `attributes` plus what
     every method reads (a one-process accelerator, metric buffers, a step-0 state)."""
     trainer = object.__new__(cls)
-    base = dict(accelerator=Accelerator(), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-                _total_train_tokens=0, _tp_size=1, aux_loss_enabled=False, model=StubModel(),
-                state=SimpleNamespace(global_step=0))
+    base = {"accelerator": Accelerator(), "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+                "_total_train_tokens": 0, "_tp_size": 1, "aux_loss_enabled": False, "model": StubModel(),
+                "state": SimpleNamespace(global_step=0)}
     for key, value in {**base, **attributes}.items():
         object.__setattr__(trainer, key, value)
     return trainer
@@ -81,7 +84,7 @@ def bare_trainer(cls, **attributes):
 
 def close(actual, expected, rtol=1e-6, name=""):
     """|actual - expected| <= rtol * max(|expected|, 1e-12): TRL's tolerance of the issue, relative."""
-    a, e = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    a, e = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
     assert torch.isfinite(e).all(), f"{name}: TRL's value is not finite ({e}); such cases are tested separately"
     err = float((a - e).abs().max())
     bound = rtol * max(float(e.abs().max()), 1e-12)

@@ -58,7 +58,7 @@ def trl_loss(data, loss_type, beta=0.1, label_smoothing=0.0, f_divergence="rever
         policy, ref, mask, sq = (torch.cat([x[b:], x[:b]]) for x in (policy, ref, mask, sq))
     leaf = policy.clone().requires_grad_(True)
     zeros = torch.zeros_like(policy)
-    outputs = dict(log_probs=leaf, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), log_sum_sq_probs=sq)
+    outputs = {'log_probs': leaf, 'entropy': zeros, 'mean_logits': zeros, 'is_top1': zeros.bool(), 'log_sum_sq_probs': sq}
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     trainer = bare_trainer(
         DPOTrainer, model=StubModel(**outputs), ref_model=StubModel(log_probs=ref), beta=beta,
@@ -121,7 +121,7 @@ def test_every_loss_divergence_and_smoothing(loss_type, f_divergence, f_alpha, l
     # form). Equal chosen lengths make the two the same number; test_sft_term_is_per_example shows the difference.
     data = batch(seed=hash((loss_type, f_divergence, f_alpha, label_smoothing)) % 1000, dtype=dtype,
                  equal_chosen=loss_type == "sft")
-    kw = dict(beta=0.1, f_divergence=f_divergence, f_alpha=f_alpha)
+    kw = {'beta': 0.1, 'f_divergence': f_divergence, 'f_alpha': f_alpha}
     mine_kw = dict(kw, **({"f_alpha": 0.5} if f_divergence != "alpha_divergence" else {}))
     rtol = 1e-5 if loss_type == "exo_pair" else 1e-6
     if f_divergence != "reverse_kl" and loss_type not in TRL_F_DIV_LOSSES:

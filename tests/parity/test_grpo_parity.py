@@ -51,8 +51,8 @@ def rollout(seed, width=6, unscorable=False):
     rewards[1, 1] = float("nan")  # one function declines one completion
     if unscorable:
         rewards[5] = float("nan")  # every function declines: no signal, advantage 0
-    return dict(prompt_ids=prompt_ids, completions=completions, mask=mask, current=current, old=old, ref=ref,
-                entropy=entropy, rewards=rewards)
+    return {"prompt_ids": prompt_ids, "completions": completions, "mask": mask, "current": current, "old": old, "ref": ref,
+                "entropy": entropy, "rewards": rewards}
 
 
 def _padded_left(x, prompt_width):
@@ -100,11 +100,11 @@ def trl_grpo(data, loss_type="dapo", importance_sampling_level="token", scale_re
     batch = trainer._generate_and_score_completions([{"prompt": f"p{i // G}", "row": i} for i in range(n)])
     assert ("old_per_token_logps" in batch) == (num_iterations > 1)
     leaf = data["current"].clone().requires_grad_(True)
-    policy.fields = dict(log_probs=_padded_left(leaf, prompt_width), entropy=_padded_left(data["entropy"], prompt_width))
+    policy.fields = {"log_probs": _padded_left(leaf, prompt_width), "entropy": _padded_left(data["entropy"], prompt_width)}
     loss = trainer._compute_loss(policy, batch)
     loss.backward()
-    return dict(loss=loss.detach(), grad=leaf.grad * batch["completion_mask"], advantages=batch["advantages"],
-                mask=batch["completion_mask"], metrics=trainer._metrics["train"])
+    return {"loss": loss.detach(), "grad": leaf.grad * batch["completion_mask"], "advantages": batch["advantages"],
+                "mask": batch["completion_mask"], "metrics": trainer._metrics["train"]}
 
 
 def ours(data, loss_type="dapo", importance_sampling_level="token", scale_rewards="group", num_iterations=2,
@@ -123,7 +123,7 @@ def ours(data, loss_type="dapo", importance_sampling_level="token", scale_reward
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
         loss_type=loss_type, max_completion_length=mask.shape[1], **kwargs)
     loss.backward()
-    return dict(loss=loss.detach(), grad=leaf.grad, advantages=advantages, mask=mask, metrics=metrics)
+    return {"loss": loss.detach(), "grad": leaf.grad, "advantages": advantages, "mask": mask, "metrics": metrics}
 
 
 def check(data, **settings):

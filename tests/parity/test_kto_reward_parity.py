@@ -34,17 +34,17 @@ def kto_batch(seed, b=8, prompt=2, width=9, kl_shift=0.0):
     kl_mask, kl_shift_mask, kl_policy, kl_ref = sequences()
     kl_policy = kl_policy + kl_shift * kl_shift_mask  # moves z0 = mean(KL policy - KL ref) up or down
     labels = torch.tensor([True, False] * (b // 2))
-    return dict(mask=mask, shift=shift, policy=policy, ref=ref, kl_mask=kl_mask, kl_shift=kl_shift_mask,
-                kl_policy=kl_policy, kl_ref=kl_ref, labels=labels)
+    return {"mask": mask, "shift": shift, "policy": policy, "ref": ref, "kl_mask": kl_mask, "kl_shift": kl_shift_mask,
+                "kl_policy": kl_policy, "kl_ref": kl_ref, "labels": labels}
 
 
 def trl_kto(data, loss_type, precompute, beta=0.2, desirable_weight=1.0, undesirable_weight=1.0):
     leaf = data["policy"].clone().requires_grad_(True)
     ids, kl_ids = torch.zeros_like(data["mask"]), torch.ones_like(data["kl_mask"])
     zeros = torch.zeros_like(leaf)
-    policy = StubModel(outputs={id(ids): dict(log_probs=leaf, entropy=zeros, mean_logits=zeros),
-                                id(kl_ids): dict(log_probs=data["kl_policy"])})
-    ref = StubModel(outputs={id(ids): dict(log_probs=data["ref"]), id(kl_ids): dict(log_probs=data["kl_ref"])})
+    policy = StubModel(outputs={id(ids): {"log_probs": leaf, "entropy": zeros, "mean_logits": zeros},
+                                id(kl_ids): {"log_probs": data["kl_policy"]}})
+    ref = StubModel(outputs={id(ids): {"log_probs": data["ref"]}, id(kl_ids): {"log_probs": data["kl_ref"]}})
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": data["mask"],
               "label": data["labels"]}
     calculate_kl = loss_type == "kto"
