@@ -31,7 +31,7 @@ COMMANDS = {
 # go where a person expects them.
 TOOLS: dict[str, tuple[str, str]] = {
     "report": ("posttrain.report", "an HTML report of one run or several overlaid: curves, diagnostics, sampled completions"),
-    "convert-config": ("posttrain.trl_compat", "print a TRL config in posttrain's own names (TRL configs also run as they are)"),
+    "convert-config": ("posttrain.convert_config", "print a TRL config in posttrain's own names (TRL configs also run as they are)"),
 }
 
 

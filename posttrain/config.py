@@ -434,10 +434,13 @@ def load_config(cls: type, config_file: str | None, overrides: list[str], *, wor
     Either may use TRL's names (`posttrain.trl_compat`); `world_size` (default: from the launcher's
     environment) turns TRL's per-device batch into the global one. With `with_translated`, also returns the
     given keys in posttrain's names (what `posttrain convert-config` prints)."""
-    from posttrain.trl_compat import translate
+    from posttrain.trl_compat import TRLConfigError, translate
 
     file_values, lines = read_yaml(config_file) if config_file else ({}, {})
-    values = translate(cls, file_values, parse_overrides(overrides), lines, world_size=world_size)
+    try:
+        values = translate(cls, file_values, parse_overrides(overrides), lines, world_size=world_size)
+    except TRLConfigError as e:
+        raise UserError(str(e)) from None
     cfg = build_dataclass(cls, values, lines=lines)
     demo = getattr(cls, "demo", None)
     if demo and getattr(cfg, "dataset", "") is None:

@@ -1,4 +1,4 @@
-"""TRL's option names, accepted by every command, and `posttrain convert-config`.
+"""TRL's option names, accepted by every command (`posttrain convert-config` prints the result).
 
 A YAML written for TRL 1.16 (transformers' TrainingArguments + the trainer's config + TRL's script and model
 arguments) runs unchanged: before a config is built, `translate` rewrites its keys into posttrain's own. The
@@ -31,12 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from posttrain.cli import ToolArgs, ToolSpec
-from posttrain.config import UserError
-
 log = logging.getLogger("posttrain")
+
+
+class TRLConfigError(Exception):
+    """A TRL key posttrain cannot take (unsupported value, contradiction, bad TRL value). `load_config` reports
+    it as a UserError (this module imports nothing of posttrain, so config.py can import it)."""
+
+
 
 _DROP = object()  # a converted value meaning "as if the key were absent" (TRL's None = "use the default")
 
@@ -362,7 +364,7 @@ def world_size_from_env() -> int:
     return 1
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
+def fields_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -370,7 +372,7 @@ def _block_fields(cls) -> dict[str, type]:
     """Fields holding a nested config block (lora): their keys are flattened to `lora.r` while translating."""
     hints = typing.get_type_hints(cls)
     out = {}
-    for name in _fields(cls):
+    for name in fields_of(cls):
         for arg in typing.get_args(hints[name]) or (hints[name],):
             if dataclasses.is_dataclass(arg):
                 out[name] = arg
@@ -388,12 +390,12 @@ def _flatten(values: dict, blocks: dict) -> dict:
     return out
 
 
-def _applies(target: str, fields: dict) -> bool:
+def applies(target: str, fields: dict) -> bool:
     return target.split(".")[0] in fields
 
 
 def _is_training(cls) -> bool:
-    return "batch_size" in _fields(cls) and "micro_batch_size" in _fields(cls)
+    return "batch_size" in fields_of(cls) and "micro_batch_size" in fields_of(cls)
 
 
 def _same(a, b) -> bool:
@@ -419,7 +421,7 @@ def translate(cls, file_values: dict, cli_values: dict, lines: dict, world_size:
     `lines` maps a file key to "file:line: ", and gets an entry for every translated key so that errors about
     its value name the key the user wrote. Raises UserError for contradictions, unsupported values and bad
     TRL values; warns once per ignored option."""
-    fields = _fields(cls)
+    fields = fields_of(cls)
     blocks = _block_fields(cls)
     training = _is_training(cls)
     warned = set() if warned is None else warned
@@ -445,7 +447,7 @@ def translate(cls, file_values: dict, cli_values: dict, lines: dict, world_size:
             if top in fields:
                 converted = _convert(NATIVE_VALUES[key], value, lab) if key in NATIVE_VALUES else value
                 assign(key, converted, lab, cli, raw=value)
-            elif key in ALIASES and _applies(ALIASES[key].target, fields):
+            elif key in ALIASES and applies(ALIASES[key].target, fields):
                 alias = ALIASES[key]
                 converted = _convert(alias.convert, value, lab) if alias.convert else value
                 assign(alias.target, converted, lab, cli, origin=key, raw=value)
@@ -458,7 +460,7 @@ def translate(cls, file_values: dict, cli_values: dict, lines: dict, world_size:
             elif key in UNSUPPORTED and training:
                 accepted, why = UNSUPPORTED[key]
                 if not any(_same(value, a) for a in accepted):
-                    raise UserError(f"{lab}: {value!r} is not supported by posttrain ({why})")
+                    raise TRLConfigError(f"{lab}: {value!r} is not supported by posttrain ({why})")
             else:
                 assign(key, value, lab, cli)  # unknown: build_dataclass names it with a did-you-mean
 
@@ -475,7 +477,7 @@ def _convert(fn, value, lab: str):
     try:
         return fn(value)
     except ValueError as e:
-        raise UserError(f"{lab}: {e}") from None
+        raise TRLConfigError(f"{lab}: {e}") from None
 
 
 def _given(sets: dict, key: str):
@@ -490,7 +492,7 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
     def positive_int(key):
         value, lab, _ = raw[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{lab}: expected a positive integer, got {value!r}")
+            raise TRLConfigError(f"{lab}: expected a positive integer, got {value!r}")
         return value
 
     # Batch arithmetic: TRL counts per device and per accumulation step; posttrain's batch_size is global.
@@ -505,14 +507,14 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
                    raw["per_device_train_batch_size"][2], origin="per_device_train_batch_size")
         micro = per_device if per_device is not None else _given(sets, "micro_batch_size")
         if micro is None:
-            micro = _fields(cls)["micro_batch_size"].default
+            micro = fields_of(cls)["micro_batch_size"].default
         total = micro * accumulation * world_size
         where = f"{lab} x {world_size} process{'es' if world_size > 1 else ''}"
         if getattr(cls, "trl_batch_counts_completions", False):
             # GRPO: TRL's batch counts completions; posttrain's batch_size counts prompts.
-            generations = _given(sets, "num_generations") or _fields(cls)["num_generations"].default
+            generations = _given(sets, "num_generations") or fields_of(cls)["num_generations"].default
             if total % generations:
-                raise UserError(f"{where} = {total} completions is not divisible by num_generations {generations}")
+                raise TRLConfigError(f"{where} = {total} completions is not divisible by num_generations {generations}")
             total //= generations
             where += f" / num_generations {generations}"
         sets.setdefault("batch_size", []).append(_Set(total, where, cli, "per_device_train_batch_size"))
@@ -534,7 +536,7 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
                 if not sets[key]:
                     del sets[key]
             if use_peft is not None and use_peft[0] is False and _given(sets, "lora") not in (None, False):
-                raise UserError(f"{use_peft[1]} = False contradicts the lora block; keep one of them")
+                raise TRLConfigError(f"{use_peft[1]} = False contradicts the lora block; keep one of them")
 
     # model_init_kwargs: its dtype is the model dtype; the rest means nothing here.
     if "model_init_kwargs" in raw:
@@ -598,7 +600,7 @@ def _resolve(sets: dict, blocks: dict) -> dict:
         first = pool[0]
         for other in pool[1:]:
             if not _same(other.value, first.value):
-                raise UserError(f"{first.label} = {first.value!r} contradicts {other.label} = {other.value!r} "
+                raise TRLConfigError(f"{first.label} = {first.value!r} contradicts {other.label} = {other.value!r} "
                                 f"(two names for one setting); keep one of them")
         value = pool[-1].value
         if "." in key and key.split(".")[0] in blocks:
@@ -611,67 +613,3 @@ def _resolve(sets: dict, blocks: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# posttrain convert-config TRL.yaml > posttrain.yaml
-
-TOOL = ToolSpec(
-    usage="posttrain convert-config TRL.yaml [--command sft|dpo|kto|rm|grpo] [--processes N] [--full]",
-    positionals=(1, 1),
-    flags={"--command": str, "--processes": int, "--full": bool},
-    help="""
-Print a TRL config (TrainingArguments + trainer config + script/model arguments) in posttrain's own names,
-as YAML on stdout; the options it ignores are listed on stderr. Without --command the trainer is inferred
-from keys only one trainer has. --processes: how many processes TRL ran with (the global batch is
-per_device_train_batch_size x gradient_accumulation_steps x processes; default: WORLD_SIZE or 1).
---full prints every key of the resolved config, defaults included. key=value settings apply on top.
-""",
-)
-
-
-def _command_keys(cls) -> set[str]:
-    fields = _fields(cls)
-    keys = set(fields)
-    keys |= {k for k, a in ALIASES.items() if _applies(a.target, fields)}
-    return keys
-
-
-def infer_command(values: dict) -> str:
-    import importlib
-
-    from posttrain.cli import COMMANDS
-
-    configs = {name: importlib.import_module(COMMANDS[name][0]).Config for name in ("sft", "dpo", "kto", "rm", "grpo")}
-    keys = {name: _command_keys(cls) for name, cls in configs.items()}
-    candidates = []
-    for name, own in keys.items():
-        others = set().union(*(k for n, k in keys.items() if n != name))
-        if set(values) & (own - others):
-            candidates.append(name)
-    if len(candidates) != 1:
-        found = f"keys of {', '.join(candidates)}" if candidates else "no trainer-specific key"
-        raise UserError(f"cannot tell which trainer this config is for ({found}); add --command sft|dpo|kto|rm|grpo")
-    return candidates[0]
-
-
-def main(args: ToolArgs) -> int:
-    import importlib
-
-    from posttrain.cli import COMMANDS
-    from posttrain.config import config_to_dict, load_config, read_yaml
-
-    path = args.positionals[0]
-    values, _ = read_yaml(path)
-    command = args.flags["--command"] or infer_command(values)
-    if command not in ("sft", "dpo", "kto", "rm", "grpo"):
-        raise UserError(f"--command: {command!r} is not a training command (sft, dpo, kto, rm, grpo)")
-    cls = importlib.import_module(COMMANDS[command][0]).Config
-    world = args.flags["--processes"]
-    if world is not None and world < 1:
-        raise UserError("--processes must be >= 1")
-    cfg, translated = load_config(cls, path, args.settings, world_size=world, with_translated=True)
-    out = config_to_dict(cfg) if args.flags["--full"] else translated
-    print(f"# posttrain {command} --config THIS_FILE   (converted from {path})")
-    print(yaml.safe_dump(out, sort_keys=False).rstrip())
-    return 0

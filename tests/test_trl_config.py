@@ -20,6 +20,7 @@ from posttrain.trl_compat import (
     THINK_FORMAT_PATTERN,
     UNSUPPORTED,
     Quiet,
+    TRLConfigError,
     translate,
 )
 
@@ -362,7 +363,7 @@ def test_trainer_specific_names_stay_unknown_elsewhere(tmp_path):
 def test_translate_reports_contradictions_within_one_source_only():
     values = translate(sft.Config, {"num_epochs": 3}, {"num_train_epochs": 1}, {}, world_size=1)
     assert values == {"num_epochs": 1}
-    with pytest.raises(UserError, match="num_train_epochs = 2 contradicts num_epochs = 1"):
+    with pytest.raises(TRLConfigError, match="num_train_epochs = 2 contradicts num_epochs = 1"):
         translate(sft.Config, {}, {"num_train_epochs": 2, "num_epochs": 1}, {}, world_size=1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zlib
 
 import pytest
 import torch
@@ -119,11 +120,13 @@ def test_every_loss_divergence_and_smoothing(loss_type, f_divergence, f_alpha, l
     dtype = torch.float32 if f_divergence == "alpha_divergence" else torch.float64
     # TRL's sft term is one mean over every chosen token of the batch; posttrain's is a per-example mean (RPO's
     # form). Equal chosen lengths make the two the same number; test_sft_term_is_per_example shows the difference.
-    data = batch(seed=hash((loss_type, f_divergence, f_alpha, label_smoothing)) % 1000, dtype=dtype,
+    data = batch(seed=zlib.crc32(f"{loss_type}{f_divergence}{f_alpha}{label_smoothing}".encode()) % 1000, dtype=dtype,
                  equal_chosen=loss_type == "sft")
     kw = {'beta': 0.1, 'f_divergence': f_divergence, 'f_alpha': f_alpha}
     mine_kw = dict(kw, **({"f_alpha": 0.5} if f_divergence != "alpha_divergence" else {}))
-    rtol = 1e-5 if loss_type == "exo_pair" else 1e-6
+    # 1e-5 for exo_pair (the tolerance) and for float32 (alpha divergence: TRL has no float64 path there,
+    # and discopop's z / tau magnifies float32 rounding past 1e-6).
+    rtol = 1e-5 if loss_type == "exo_pair" or dtype == torch.float32 else 1e-6
     if f_divergence != "reverse_kl" and loss_type not in TRL_F_DIV_LOSSES:
         # TRL refuses this combination in DPOTrainer.__init__ (the set checked above), and so does posttrain.
         with pytest.raises(ValueError, match="is not used by loss"):

@@ -19,7 +19,7 @@ from trl.scripts.grpo import GRPOScriptArguments
 from posttrain.algorithms import dpo, grpo, kto, rm, sft
 from posttrain.config import UserError, load_config
 from posttrain.engine import make_scheduler
-from posttrain.trl_compat import ALIASES, DERIVED, IGNORED, LORA_DEFAULTS, UNSUPPORTED, Quiet, _applies
+from posttrain.trl_compat import ALIASES, DERIVED, IGNORED, LORA_DEFAULTS, UNSUPPORTED, Quiet, applies
 
 TRAINERS = {DPOConfig: dpo.Config, GRPOConfig: grpo.Config, KTOConfig: kto.Config, RewardConfig: rm.Config,
             SFTConfig: sft.Config}
@@ -46,7 +46,7 @@ def kind(ours, name):
     fields = {f.name for f in dataclasses.fields(ours)}
     if name in fields:
         return "posttrain"
-    if name in ALIASES and _applies(ALIASES[name].target, fields):
+    if name in ALIASES and applies(ALIASES[name].target, fields):
         return "alias"
     for table, label in ((DERIVED, "derived"), (IGNORED, "ignored"), (UNSUPPORTED, "unsupported")):
         if name in table:
