@@ -372,15 +372,19 @@ def reduce_metrics(acc: dict[str, list]) -> dict[str, list]:
     return {n: out[n] for n in names}
 
 
-def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_rows(t: torch.Tensor, pad: float | None = None) -> tuple[torch.Tensor, int]:
     """Every rank's rows of `t` (sizes may differ) concatenated in rank order, and the index where this
-    rank's rows start. For statistics over the global batch, e.g. GRPO's batch-std advantages."""
+    rank's rows start. For statistics over the global batch, e.g. GRPO's batch-std advantages. `pad`: [N, T]
+    tensors whose T differs between ranks (completions of other lengths) are right-padded with it."""
     rank, world = rank_world()
     if world == 1:
         return t, 0
     parts: list = [None] * world
     dist.all_gather_object(parts, t.detach().cpu())
     start = sum(int(x.shape[0]) for x in parts[:rank])
+    if pad is not None and t.ndim == 2:
+        width = max(int(x.shape[1]) for x in parts)
+        parts = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad) for x in parts]
     return torch.cat(parts).to(t.device), start
 
 

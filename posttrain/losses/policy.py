@@ -382,7 +382,8 @@ def policy_loss(
     Args:
         logps, old_logps, ref_logps, mask: [B, T] per-token log-probs of the sampled completion tokens and the
             completion mask. ``old_logps=None`` means on-policy (num_iterations=1): ``logps.detach()``.
-        advantages: [B], one per completion.
+        advantages: [B], one per completion (every token gets it), or [B, T], one per token (PPO's GAE,
+            REINFORCE++: `posttrain.losses.advantages`).
 
     Returns:
         ``(loss, metrics)``; metrics are detached and named as TRL logs them: ``kl`` (token mean of the KL term,
@@ -400,8 +401,9 @@ def policy_loss(
         raise ValueError(
             f"logps and mask must be [B, T] of one shape; got {tuple(logps.shape)}, {tuple(mask.shape)}"
         )
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"advantages must be [B]={logps.shape[0]}; got {tuple(advantages.shape)}")
+    if advantages.shape not in (logps.shape[:1], logps.shape):
+        raise ValueError(f"advantages must be [B]={logps.shape[0]} or [B, T]={tuple(logps.shape)}; got "
+                         f"{tuple(advantages.shape)}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps")
     epsilon_low = epsilon
@@ -416,7 +418,7 @@ def policy_loss(
     else:
         log_weights = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_weights)  # [B, T] or [B, 1]
-    adv = advantages.unsqueeze(1).to(logps.dtype)
+    adv = (advantages.unsqueeze(1) if advantages.ndim == 1 else advantages).to(logps.dtype)
     options = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "delta": delta,
                "sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg}
     per_token_loss = OBJECTIVES[objective](ratio, logps, adv, options)
@@ -436,7 +438,8 @@ def policy_loss(
     with torch.no_grad():
         token_count = mask.sum().clamp(min=1.0)
 
-        per_sequence = importance_sampling_level == "sequence"
+        # (with per-token advantages the flags differ between a sequence's tokens: token means again)
+        per_sequence = importance_sampling_level == "sequence" and advantages.ndim == 1
 
         def ratio_mean(x: Tensor) -> Tensor:
             # Sequence-level ratios are one per sequence, so their clip fractions are sequence means (as TRL).

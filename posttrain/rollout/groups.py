@@ -5,8 +5,8 @@
 `sample` asks a `GenerationEngine` for G completions of each prompt, each prompt with its own seed
 (`prompt_seed`), so what a prompt gets does not depend on its batch mates or on the process it runs in.
 `score` runs the reward functions over them. `filter_groups` is DAPO's dynamic sampling: it keeps the groups
-whose rewards vary. GRPO builds its step from these (advantages and micro-batches follow in
-`posttrain.algorithms.grpo`); `posttrain eval` samples and scores with the same two calls.
+whose rewards vary. The online-RL algorithm builds its step from these (advantages and micro-batches follow in
+`posttrain.algorithms.online`); `posttrain eval` samples and scores with the same two calls.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class ScoredRollout:
     texts            the P*G decoded completions
     rewards          [P*G, R], one column per reward function; NaN where a function did not score a row
     failures, timeouts   reward-function calls that raised / ran out of time while scoring these rows
+    baseline         [P*G] or None: ReMax's baseline, the score of the prompt's greedy completion on each row
     """
 
     prompts: list[PromptExample]
@@ -87,6 +88,7 @@ class ScoredRollout:
     rewards: torch.Tensor
     failures: int = 0
     timeouts: int = 0
+    baseline: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -102,7 +104,7 @@ class ScoredRollout:
         rows = [g * G + j for g in groups for j in range(G)]
         return ScoredRollout([self.prompts[g] for g in groups], self.completion_ids[rows], self.completion_mask[rows],
                              self.logps[rows], self.truncated[rows], [self.texts[r] for r in rows], self.rewards[rows],
-                             self.failures, self.timeouts)
+                             self.failures, self.timeouts, None if self.baseline is None else self.baseline[rows])
 
     @staticmethod
     def cat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
@@ -117,6 +119,7 @@ class ScoredRollout:
             torch.cat([p.rewards for p in parts]),
             sum(p.failures for p in parts),
             sum(p.timeouts for p in parts),
+            None if parts[0].baseline is None else torch.cat([p.baseline for p in parts]),
         )
 
 

@@ -1,0 +1,562 @@
+"""The one online-RL algorithm: rollout -> rewards -> advantages -> the clipped policy update.
+
+`posttrain grpo` (`algorithms/grpo.py`) and `posttrain ppo` are presets of it: settings, not trainers. One
+optimizer-step batch is prepared in named steps (`OnlineRL.prepare`):
+
+    sample G completions of each prompt with the current policy (KV cache, prompt prefilled once per group)
+    -> score them with the reward functions (`posttrain.rollout.groups`; DAPO's dynamic sampling filters groups)
+    -> reference log-probs (when a KL term needs them) and per-token rewards: each completion's score on its last
+       token, -kl_coef * KL_t on every token (`posttrain.losses.advantages`)
+    -> advantages by the estimator `advantage_estimator` names (grpo, rloo, reinforce_plus_plus,
+       reinforce_plus_plus_baseline, remax; `ADVANTAGE_ESTIMATORS`), over the whole global batch
+    -> micro-batches for the clipped surrogate of `posttrain.losses.policy` (+ beta * k3 to the reference)
+
+then takes `num_iterations` optimizer steps on that batch. With one step the "old" policy is the current one,
+so the ratio is exactly 1 and no extra forward is needed (the gradient of exp(logp - sg(logp)) is the policy
+gradient); with more, the rollout's own sampling log-probs are the old log-probs.
+
+Two places for a KL to the reference, both optional: `beta` (k3 in the loss, GRPO's) and `kl_coef` (in the
+per-token reward, PPO's and REINFORCE++'s), with Ziegler et al.'s adaptive coefficient when `kl_target` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import TrainConfig, UserError, opt
+from posttrain.data import load_train_eval
+from posttrain.engine import Algorithm, Engine, Global, Max, Mean, Min, Prepared, Sum
+from posttrain.evaluate import evaluate_prompts
+from posttrain.logprobs import shared_prefix_token_logps
+from posttrain.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    AdvantageInputs,
+    EstimatorOptions,
+    adaptive_kl_coef,
+    estimate_advantages,
+    sequence_scores,
+    token_kl,
+)
+from posttrain.losses.policy import LOSS_TYPES, group_stats, loss_denominator, policy_loss
+from posttrain.models import prepare_model
+from posttrain.parallel import gather_rows, is_main
+from posttrain.reference import Reference, build
+from posttrain.rollout.generate import HFEngine, pad_cat
+from posttrain.rollout.groups import (
+    PromptExample,
+    ScoredRollout,
+    filter_groups,
+    prompt_examples,
+    prompt_seed,
+    sample,
+    score,
+)
+from posttrain.rollout.rewards import BUILTIN_FORMAT_PATTERN, load_reward_funcs
+
+log = logging.getLogger("posttrain")
+
+DEFAULT_DATASET = "arithmetic"
+BUILTIN_REWARD_WEIGHTS = [1.0, 0.2]  # accuracy, format
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Online RL with verifiable rewards. `batch_size` counts PROMPTS per optimizer step (each brings
+    `num_generations` completions); `micro_batch_size` counts COMPLETIONS per forward/backward on one device."""
+
+    reward_funcs: list | None = opt(None, "Reward functions: names (accuracy, format, length, reward_model) or module:function. Default: accuracy (+ format for the built-in task); reward_model when reward_model is given.")
+    reward_weights: list | None = opt(None, "Weight of each reward function (default: all 1).")
+    reward_model: str | None = opt(None, "Path of a reward model (`posttrain rm` output or any sequence-classification folder), used by the reward_model function.")
+    format_pattern: str | None = opt(None, "Regex the `format` reward checks (default: a \\boxed{} answer).")
+    overlong_buffer: int | None = opt(None, "`length` reward: tokens before max_completion_length where the penalty ramps.")
+    reward_timeout: float = opt(10.0, "Seconds a reward function may take per batch before its column is NaN.")
+    missing_eos_penalty: float | None = opt(None, "Subtracted from the score of a completion cut at max_completion_length (TRL's PPO option).")
+    reward_clip_range: list | None = opt(None, "[min, max]: each completion's score is clamped to it (after missing_eos_penalty).")
+    num_generations: int = opt(8, "G: completions sampled per prompt (2 = 2-GRPO).")
+    max_completion_length: int = opt(64, "Maximum new tokens per completion.")
+    temperature: float = opt(1.0, "Sampling temperature (also divides the logits when scoring).")
+    top_p: float = opt(1.0, "Nucleus sampling mass.")
+    top_k: int = opt(0, "Top-k sampling (0: off).")
+    advantage_estimator: str = opt(
+        "grpo", "How scores become advantages (veRL's names): grpo (group-normalised), rloo (leave-one-out baseline), "
+        "reinforce_plus_plus (batch-whitened returns per token), reinforce_plus_plus_baseline (group mean, then "
+        "batch whitening), remax (greedy completion's score as baseline; one more generation per prompt).",
+        tuple(ADVANTAGE_ESTIMATORS))
+    whiten_advantages: bool | None = opt(None, "Normalise the advantages over the batch (gae, rloo, remax). Default: on for gae, "
+                                         "off for rloo and remax (as TRL and veRL); grpo scales by scale_rewards and "
+                                         "the reinforce_plus_plus estimators always normalise.")
+    gamma: float = opt(1.0, "Discount per token of the returns (gae, reinforce_plus_plus).")
+    lam: float = opt(0.95, "GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD.")
+    beta: float = opt(0.0, "KL coefficient of the k3 term in the LOSS (GRPO's place for the KL).")
+    kl_coef: float = opt(0.0, "KL coefficient in the per-token REWARD, r_t -= kl_coef * KL_t (PPO's and REINFORCE++'s place). "
+                         "beta or kl_coef > 0 loads a reference (the LoRA adapter off, or a frozen copy).")
+    kl_estimator: str = opt("k1", "Per-token KL in the reward: k1 = logp - ref (unbiased, TRL's PPO default) or k3 (never negative).",
+                            KL_ESTIMATORS)
+    kl_target: float | None = opt(None, "Adaptive kl_coef (Ziegler et al. 2019): the KL per completion (nats, summed over its tokens) "
+                                  "to hold; kl_coef is where it starts. Default: a fixed kl_coef.")
+    kl_horizon: float = opt(10000.0, "Adaptive kl_coef: completions over which it may change by up to 20%.")
+    epsilon: float = opt(0.2, "Lower clip: ratio >= 1 - epsilon.")
+    epsilon_high: float | None = opt(None, "Upper clip (DAPO clip-higher, e.g. 0.28); default = epsilon. With "
+                                     "loss_type=cispo: the cap on the importance ratio itself (e.g. 5.0).")
+    delta: float | None = opt(None, "Dual clip: cap on the ratio for negative advantages (e.g. 3).")
+    num_iterations: int = opt(1, "mu: optimizer steps per generated batch.")
+    loss_type: str = opt(
+        "dapo",
+        "Aggregations of the clipped objective: grpo (mean per sequence, then over sequences), bnpo (token mean "
+        "per micro-batch), dr_grpo (token sum / (sequences x max_completion_length)), dapo (token sum / the step's "
+        "token count). Other losses, each with the aggregation TRL fixes for it: cispo (capped, detached "
+        "importance weight x A x log-prob; as dapo; needs epsilon_high), sapo (soft sigmoid gate; as grpo).",
+        tuple(LOSS_TYPES),
+    )
+    sapo_temperature_pos: float = opt(1.0, "sapo: gate temperature for tokens with positive advantage.")
+    sapo_temperature_neg: float = opt(1.05, "sapo: gate temperature for tokens with zero or negative advantage.")
+    use_bias_correction_kl: bool = opt(True, "Multiply the k3 KL term by the importance ratio, which makes its "
+                                       "gradient the unbiased reverse-KL gradient (TRL's default; beta > 0 only).")
+    scale_rewards: str = opt("group", "grpo: advantage scale, group std, batch std, or none (Dr. GRPO).", ("group", "batch", "none"))
+    std: str = opt("unbiased", "grpo: std used for scaling, unbiased (as TRL) or population (1/G).", ("unbiased", "population"))
+    multi_objective_aggregation: str = opt("sum_then_normalize", "grpo with several rewards: sum then normalise (GRPO) or normalise each then sum (GDPO).", ("sum_then_normalize", "normalize_then_sum"))
+    importance_sampling_level: str = opt("token", "token ratio (GRPO) or sequence ratio (GSPO).", ("token", "sequence"))
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
+    max_sampling_rounds: int = opt(3, "Dynamic sampling: generation rounds per step at most.")
+    mask_truncated_completions: bool = opt(False, "Exclude completions that hit max_completion_length from the loss.")
+    log_completions: bool = opt(False, "Append every sampled completion with its rewards to completions.jsonl.")
+    num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
+                                        "for the run report, whatever log_completions says; 0: none.")
+    learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
+    batch_size: int = opt(8, "GLOBAL prompts per optimizer step (x num_generations completions).")
+    micro_batch_size: int = opt(8, "Completions per forward/backward on one device.")
+    max_prompt_length: int | None = opt(512, "Maximum prompt tokens; longer prompts keep their end.")
+    prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
+    chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
+    command = "online"
+    trl_batch_counts_completions = True  # TRL's per_device_train_batch_size counts completions (trl_compat)
+
+    def validate(self) -> None:
+        super().validate()
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        if self.num_generations < 1:
+            raise UserError("num_generations must be >= 1")
+        if estimator.needs_groups and self.num_generations < 2:
+            raise UserError(f"num_generations must be >= 2 (advantage_estimator={self.advantage_estimator} compares "
+                            "the completions of one prompt)")
+        if self.whiten_advantages is not None and estimator.whiten_default is None:
+            raise UserError(f"whiten_advantages: advantage_estimator={self.advantage_estimator} has no such option "
+                            "(it applies to gae, rloo and remax)")
+        if self.max_completion_length < 1:
+            raise UserError("max_completion_length must be >= 1")
+        if self.temperature < 0:
+            raise UserError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise UserError("beta, epsilon and epsilon_high must be >= 0")
+        if self.kl_coef < 0 or self.kl_horizon <= 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise UserError("kl_coef must be >= 0, kl_horizon and kl_target > 0")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise UserError("kl_target adapts kl_coef, which starts where kl_coef says: set kl_coef > 0 (e.g. 0.05)")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise UserError("gamma and lam must be in [0, 1]")
+        if self.reward_clip_range is not None:
+            r = self.reward_clip_range
+            if len(r) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) or r[0] >= r[1]:
+                raise UserError(f"reward_clip_range: expected [min, max] with min < max, got {r!r}")
+        if self.num_completions_to_print < 0:
+            raise UserError("num_completions_to_print must be >= 0")
+        if self.num_iterations < 1 or self.max_sampling_rounds < 1:
+            raise UserError("num_iterations and max_sampling_rounds must be >= 1")
+        if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise UserError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
+            raise UserError("loss_type=cispo: epsilon_high caps the importance ratio itself and must be >= 1 "
+                            f"(ScaleRL recommends 5.0); got {self.epsilon_high}")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise UserError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            if self.scale_rewards != "group":
+                raise UserError("multi_objective_aggregation=normalize_then_sum needs scale_rewards=group")
+            if self.advantage_estimator != "grpo":
+                raise UserError("multi_objective_aggregation=normalize_then_sum is GDPO: advantage_estimator=grpo")
+            if self.kl_coef > 0 or self.missing_eos_penalty is not None or self.reward_clip_range is not None:
+                raise UserError("multi_objective_aggregation=normalize_then_sum normalises each reward function's values; "
+                                "kl_coef, missing_eos_penalty and reward_clip_range act on their sum: use one or the other")
+
+    def estimator_options(self) -> EstimatorOptions:
+        return EstimatorOptions(gamma=self.gamma, lam=self.lam, whiten=self.whiten_advantages,
+                                scale_rewards=self.scale_rewards, std=self.std,
+                                aggregation=self.multi_objective_aggregation)
+
+
+@dataclass
+class RolloutBatch:
+    """A micro-batch of scored completions. Prompts are kept once (rows point at them) so the training
+    forward runs each prompt once per micro-batch (`shared_prefix_token_logps`).
+
+    prompts            unique prompts of this micro-batch (token ids)
+    row_prompt         [N] long, the prompt each row continues
+    completion_ids     [N, T] right-padded;  completion_mask [N, T] 1 on scored tokens (EOS included)
+    advantages         [N] (one per completion) or [N, T] (one per token)
+    old_logps, ref_logps  [N, T] or None, aligned with completion_ids
+    """
+
+    prompts: list
+    row_prompt: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts) + int(self.completion_mask.sum())
+
+
+def to_micro_batches(scored: ScoredRollout, advantages: torch.Tensor | None, size: int, *, mask: torch.Tensor | None = None,
+                     old_logps: torch.Tensor | None = None) -> list[RolloutBatch]:
+    """Cut the rollout's rows into micro-batches of `size` rows (a micro-batch may span groups), trimming
+    padding columns. `advantages` [N] or [N, T] (None: zeros, filled in later); `mask` replaces the completion
+    mask (e.g. truncated rows masked out); `old_logps` are the log-probs the ratio is taken against (None:
+    on-policy)."""
+    G = scored.group_size
+    mask = scored.completion_mask if mask is None else mask
+    N = scored.completion_ids.shape[0]
+    if advantages is None:
+        advantages = torch.zeros(N)
+    out = []
+    for s in range(0, N, size):
+        rows = torch.arange(s, min(s + size, N))
+        groups = sorted({int(r) // G for r in rows})
+        local = {g: j for j, g in enumerate(groups)}
+        width = max(int(mask[rows].sum(-1).max()), 1)
+        out.append(RolloutBatch(
+            [scored.prompts[g].prompt_ids for g in groups],
+            torch.tensor([local[int(r) // G] for r in rows]),
+            scored.completion_ids[rows, :width],
+            mask[rows, :width],
+            advantages[rows] if advantages.ndim == 1 else advantages[rows, :width],
+            None if old_logps is None else old_logps[rows, :width],
+            None,
+        ))
+    return out
+
+
+def _rows_of(micro: list[RolloutBatch], field: str, width: int) -> torch.Tensor:
+    """A per-token field of every micro-batch, stacked back into the rollout's [N, width] (0 on padding)."""
+    parts = [getattr(mb, field) for mb in micro]
+    out = pad_cat(parts, 0.0)
+    return torch.nn.functional.pad(out, (0, width - out.shape[1]))
+
+
+def _set_rows(micro: list[RolloutBatch], field: str, values: torch.Tensor) -> None:
+    """The inverse of `_rows_of`: each micro-batch gets its rows of `values` ([N] or [N, T], trimmed to its width)."""
+    at = 0
+    for mb in micro:
+        rows = values[at : at + len(mb)]
+        setattr(mb, field, rows if rows.ndim == 1 else rows[:, : mb.completion_ids.shape[1]].contiguous())
+        at += len(mb)
+
+
+class OnlineRL(Algorithm):
+    """One optimizer-step batch is prepared in named steps (`prepare`):
+
+        sample -> score (`rollout`), dynamic sampling's filter and further rounds (`collect`),
+        -> reference log-probs -> per-token KL rewards (`kl_rewards`) -> advantages (`advantages`)
+        -> micro-batches
+
+    `make_engine(model, tokenizer)` builds the `GenerationEngine` that samples (default: `HFEngine`).
+    """
+
+    def __init__(self, cfg: OnlineConfig, tokenizer, reward_funcs, prompts: list[PromptExample],
+                 reference: Reference | None = None, make_engine=None):
+        self.cfg, self.tok, self.funcs, self.prompts = cfg, tokenizer, reward_funcs, prompts
+        self.reference = reference or Reference()
+        if (cfg.beta > 0 or cfg.kl_coef > 0) and self.reference.strategy == "none":
+            raise ValueError("beta or kl_coef > 0 needs a reference (posttrain.reference.build)")
+        self.make_engine = make_engine or HFEngine
+        self.estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
+        self.steps_per_batch = cfg.num_iterations
+        self.weights = cfg.reward_weights
+        self.kl_coef = cfg.kl_coef  # moves with the adaptive controller (kl_target); part of the run's state
+        self._round = 0  # generation rounds so far: part of every prompt's sampling seed
+
+    # --- the steps of one prepared batch ---------------------------------------------------------------
+    def rollout(self, model, prompts: list[PromptExample]) -> ScoredRollout:
+        """One generation round: G completions of each prompt, scored by the reward functions. ReMax: also each
+        prompt's greedy completion, whose score is the baseline of its G samples."""
+        cfg = self.cfg
+        seeds = [prompt_seed(cfg.seed, self._round, e.index) for e in prompts]
+        engine = self.make_engine(model, self.tok)
+        out = sample(engine, prompts, cfg.num_generations, seeds=seeds, max_new_tokens=cfg.max_completion_length,
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        self._round += 1
+        scored = score(self.funcs, prompts, out, weights=self.weights, timeout=cfg.reward_timeout)
+        if self.estimator.needs_baseline:
+            greedy = score(self.funcs, prompts, sample(engine, prompts, 1, seeds=seeds, temperature=0.0,
+                                                       max_new_tokens=cfg.max_completion_length),
+                           weights=self.weights, timeout=cfg.reward_timeout)
+            scored.baseline = self._scores(greedy.rewards, greedy.truncated).repeat_interleave(cfg.num_generations)
+            scored.failures += greedy.failures
+            scored.timeouts += greedy.timeouts
+        return scored
+
+    def collect(self, model, examples: list[PromptExample]) -> tuple[ScoredRollout, list[ScoredRollout]]:
+        """The step's groups, and every round as sampled. Without dynamic sampling: one round of `examples`.
+        With it: keep the groups that have a signal (`filter_groups`) and sample more prompts, drawn from the
+        whole dataset, until `len(examples)` groups are kept or `max_sampling_rounds` is reached."""
+        cfg = self.cfg
+        rounds = [self.rollout(model, examples)]
+        if not cfg.dynamic_sampling:
+            return rounds[0], rounds
+        per_reward = cfg.multi_objective_aggregation == "normalize_then_sum"
+        kept = [filter_groups(rounds[0], self.weights, per_reward)]
+        while sum(len(k) for k in kept) < len(examples) and len(rounds) < cfg.max_sampling_rounds:
+            # Without replacement: a prompt drawn twice would get the same seed and so the same completions.
+            g = torch.Generator().manual_seed(prompt_seed(cfg.seed, self._round, rounds[-1].prompts[0].index))
+            pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
+            rounds.append(self.rollout(model, pool))
+            kept.append(filter_groups(rounds[-1], self.weights, per_reward))
+        groups = ScoredRollout.cat(kept, self.tok.pad_token_id)
+        if len(groups) < len(examples) and is_main():
+            log.warning(f"dynamic sampling: {len(groups)}/{len(examples)} groups with reward variance after "
+                        f"{len(rounds)} rounds")
+        if not len(groups):  # nothing informative at all: train on the last round (advantages are 0)
+            return rounds[-1], rounds
+        return groups.select(list(range(min(len(groups), len(examples))))), rounds
+
+    def _scores(self, rewards: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return sequence_scores(rewards, self.weights, truncated=truncated, missing_eos_penalty=cfg.missing_eos_penalty,
+                               clip_range=cfg.reward_clip_range)
+
+    def kl_rewards(self, scored: ScoredRollout, mask: torch.Tensor, ref_logps: torch.Tensor | None):
+        """(non_score [N, T] = -kl_coef * KL_t per completion token, or None without a KL in the reward; the KL
+        summed over each completion's tokens [N], or None without a reference). The policy's log-probs are the
+        sampler's own, taken at the sampling temperature as the reference's are."""
+        if ref_logps is None:
+            return None, None
+        kl = token_kl(scored.logps[:, : mask.shape[1]], ref_logps, self.cfg.kl_estimator) * mask
+        non_score = -self.kl_coef * kl if self.cfg.kl_coef > 0 else None
+        return non_score, kl.sum(-1)
+
+    def advantages(self, scored: ScoredRollout, mask: torch.Tensor, non_score: torch.Tensor | None = None,
+                   values: torch.Tensor | None = None):
+        """(advantages of this rank's rows: [N] or [N, T]; value targets [N, T] or None; the rewards [N_all, R]
+        and scores [N_all] of every rank's rows). Several processes: the estimator sees the global batch (whole
+        groups per rank), so batch statistics (whitening, scale_rewards=batch, GDPO) are the global ones."""
+        cfg = self.cfg
+        n, width = mask.shape
+        all_rewards, start = gather_rows(scored.rewards)
+
+        def everyone(t):
+            return None if t is None else gather_rows(t, pad=0.0)[0]
+
+        inputs = AdvantageInputs(
+            scores=self._scores(all_rewards, everyone(scored.truncated)), mask=everyone(mask).float(),
+            group_size=cfg.num_generations, non_score=everyone(non_score), values=everyone(values),
+            baseline=everyone(scored.baseline), rewards=all_rewards, weights=self.weights)
+        out = estimate_advantages(cfg.advantage_estimator, inputs, cfg.estimator_options())
+
+        def mine(t):
+            return None if t is None else (t[start : start + n] if t.ndim == 1 else t[start : start + n, :width])
+
+        return mine(out.advantages), mine(out.returns), all_rewards, inputs.scores
+
+    def rollout_metrics(self, scored: ScoredRollout, rounds: list[ScoredRollout], all_rewards: torch.Tensor) -> dict:
+        """TRL's reward and completion metrics of the step (see `group_stats`), plus the reward-call failures."""
+        cfg = self.cfg
+        stats = group_stats(all_rewards, cfg.num_generations, scale=cfg.scale_rewards, std=cfg.std,
+                            aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights)
+        lengths = scored.completion_mask.sum(-1).float()
+        n = len(lengths)
+        m = {
+            # From every rank's rewards (gathered for the advantages): already the global batch's statistics.
+            "reward": Global(stats["reward"]),
+            "reward_std": Global(stats["reward_std"]),
+            "frac_reward_zero_std": Global(stats["frac_reward_zero_std"]),
+            "completions/mean_length": Mean(lengths.mean(), n),
+            "completions/min_length": Min(lengths.min()),
+            "completions/max_length": Max(lengths.max()),
+            "completions/clipped_ratio": Mean(scored.truncated.float().mean(), n),
+            "reward_failures": Sum(sum(r.failures for r in rounds)),
+            "reward_timeouts": Sum(sum(r.timeouts for r in rounds)),
+            "sampling_rounds": Max(len(rounds)),
+        }
+        for j, (name, _) in enumerate(self.funcs):
+            col = all_rewards[:, j]
+            col = col[~col.isnan()]
+            m[f"rewards/{name}/mean"] = Global(col.mean() if len(col) else float("nan"))
+            m[f"rewards/{name}/std"] = Global(col.std() if len(col) > 1 else float("nan"))  # unbiased, as TRL
+        return m
+
+    def kl_metrics(self, kl_sums: torch.Tensor | None) -> dict:
+        """With a KL in the reward: TRL's PPO names for it, and the adaptive controller's step (which every rank
+        takes alike, from the global mean)."""
+        cfg = self.cfg
+        if cfg.kl_coef == 0 or kl_sums is None:
+            return {}
+        everyone = gather_rows(kl_sums)[0]
+        mean_kl = float(everyone.mean())
+        m = {"objective/kl": Mean(kl_sums.mean(), len(kl_sums)),
+             "objective/non_score_reward": Mean(-self.kl_coef * kl_sums.mean(), len(kl_sums)),
+             "objective/kl_coef": Global(self.kl_coef)}
+        if cfg.kl_target is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, len(everyone))
+        return m
+
+    def prepare(self, model, examples: list[PromptExample]) -> Prepared:
+        cfg = self.cfg
+        t0 = time.time()
+        scored, rounds = self.collect(model, examples)
+        generation_seconds = time.time() - t0
+        mask = scored.completion_mask
+        if cfg.mask_truncated_completions:
+            mask = mask * (~scored.truncated).long()[:, None]
+        micro = to_micro_batches(scored, None, cfg.micro_batch_size, mask=mask,
+                                 old_logps=scored.logps if self.steps_per_batch > 1 else None)
+        # The reference (beta or kl_coef > 0), scored like the policy (same temperature, same packing).
+        for mb in micro:
+            mb.ref_logps = self.reference.logps(model, lambda m, mb=mb: self._logps(m, mb).logps)
+        width = mask.shape[1]
+        ref = _rows_of(micro, "ref_logps", width) if micro[0].ref_logps is not None else None
+        non_score, kl_sums = self.kl_rewards(scored, mask, ref)
+        advantages, _, all_rewards, _ = self.advantages(scored, mask, non_score)
+        _set_rows(micro, "advantages", advantages)
+        if cfg.beta == 0:  # the reference served the reward only; the loss has no KL term
+            for mb in micro:
+                mb.ref_logps = None
+        metrics = self.rollout_metrics(scored, rounds, all_rewards)
+        metrics.update(self.kl_metrics(kl_sums))
+        metrics["generation_seconds"] = Max(generation_seconds)
+        per_completion = _per_completion(advantages, mask)
+        if cfg.log_completions and is_main():
+            self._log_completions(scored, per_completion)
+        samples = self._pick_samples(scored, per_completion) if is_main() else []
+        metrics["prepare_seconds"] = Max(time.time() - t0)
+        return Prepared(micro, metrics, samples)
+
+    def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False):
+        return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
+                                         self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats)
+
+    def _temp(self) -> float:
+        return self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+
+    def _pick_samples(self, scored: ScoredRollout, advantages: torch.Tensor) -> list[dict]:
+        """`num_completions_to_print` of this rank's completions, spread evenly over its prompts."""
+        texts, G = scored.texts, scored.group_size
+        n = min(self.cfg.num_completions_to_print, len(texts))
+        names = [name for name, _ in self.funcs]
+        out = []
+        for i in sorted({k * len(texts) // n for k in range(n)}) if n else []:
+            prompt = scored.prompts[i // G].prompt
+            values = [None if math.isnan(v) else round(v, 6) for v in scored.rewards[i].tolist()]
+            out.append({"prompt": prompt if isinstance(prompt, str) else prompt[-1].get("content", ""),
+                        "completion": texts[i], "rewards": dict(zip(names, values)),
+                        "advantage": round(float(advantages[i]), 6)})
+        return out
+
+    def _log_completions(self, scored: ScoredRollout, advantages: torch.Tensor) -> None:
+        G = scored.group_size
+        out = self.cfg.resolved_output_dir() + "/completions.jsonl"
+        with open(out, "a") as f:
+            for i, text in enumerate(scored.texts):
+                row = {"prompt_index": scored.prompts[i // G].index, "completion": text,
+                       "rewards": [None if math.isnan(v) else v for v in scored.rewards[i].tolist()],
+                       "advantage": float(advantages[i])}
+                f.write(json.dumps(row) + "\n")
+
+    # --- loss --------------------------------------------------------------------------------------------
+    def num_items(self, mb: RolloutBatch) -> float:
+        d = loss_denominator(self.cfg.loss_type, mb.completion_mask, self.cfg.max_completion_length)
+        return 1.0 if d is None else float(d)  # bnpo: a per-micro-batch mean, averaged over micro-batches
+
+    def loss(self, model, mb: RolloutBatch, total_items: float):
+        cfg = self.cfg
+        out = self._logps(model, mb, with_stats=("entropy",))
+        mask = out.mask
+        bnpo = cfg.loss_type == "bnpo"
+        loss, metrics = policy_loss(
+            out.logps, mb.old_logps, mb.advantages, mask, ref_logps=mb.ref_logps, beta=cfg.beta,
+            epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+            importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
+            # max(., 1): a step whose every token is masked (all completions truncated, with
+            # mask_truncated_completions) has a dapo count of 0; its loss is 0, not 0/0.
+            max_completion_length=cfg.max_completion_length, num_items=None if bnpo else max(total_items, 1.0),
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+            use_bias_correction_kl=cfg.use_bias_correction_kl,
+        )
+        if bnpo:
+            loss = loss / total_items
+        metrics["entropy"] = (out.entropy * mask).sum() / mask.sum().clamp(min=1)
+        # Micro-batch means (over tokens, or sequences at the sequence level), weighted like the loss.
+        weight = self.num_items(mb)
+        return loss, {k: Mean(v, weight) for k, v in metrics.items()}
+
+    # The sampling seeds count generation rounds: a resumed run must go on from the same round; the adaptive
+    # KL coefficient goes on from where it was.
+    def state_dict(self) -> dict:
+        return {"round": self._round, "kl_coef": self.kl_coef, **self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._round = int(state.get("round", 0))
+        self.kl_coef = float(state.get("kl_coef", self.cfg.kl_coef))
+        self.reference.load_state_dict(state)
+
+    def evaluate(self, model, examples: list) -> dict:
+        report = evaluate_prompts(model, self.tok, examples, self.funcs, max_new_tokens=self.cfg.max_completion_length,
+                                  batch_size=self.cfg.eval_batch_size, make_engine=self.make_engine)
+        return report["metrics"]
+
+
+def _per_completion(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One number per completion for the logs: the advantage, or its mean over the tokens when it varies."""
+    if advantages.ndim == 1:
+        return advantages
+    m = mask[:, : advantages.shape[1]].to(advantages.dtype)
+    return (advantages * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def default_reward_funcs(cfg: OnlineConfig, builtin: bool, has_answer: bool) -> list[str]:
+    if cfg.reward_funcs:
+        return list(cfg.reward_funcs)
+    if cfg.reward_model:
+        return ["reward_model"]
+    if not has_answer:
+        raise UserError("reward_funcs: none given and the data has no `answer` column to check accuracy against")
+    return ["accuracy", "format"] if builtin else ["accuracy"]
+
+
+def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
+    train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
+    builtin = cfg.dataset is None or cfg.dataset.split(":")[0] == DEFAULT_DATASET
+    names = default_reward_funcs(cfg, builtin, bool({"answer", "solution"} & set(train.rows[0].data)))
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
+        raise UserError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(names)} reward functions")
+    pattern = cfg.format_pattern or (BUILTIN_FORMAT_PATTERN if builtin else None)
+    if cfg.reward_weights is None and cfg.reward_funcs is None and builtin and names == ["accuracy", "format"]:
+        cfg.reward_weights = list(BUILTIN_REWARD_WEIGHTS)
+    try:
+        funcs = load_reward_funcs(
+            names, format_pattern=pattern, overlong_buffer=cfg.overlong_buffer,
+            max_completion_length=cfg.max_completion_length, reward_model=cfg.reward_model,
+        )
+    except ValueError as e:
+        raise UserError(f"reward_funcs: {e}") from None
+    tok, model = prepare_model(cfg)
+    prompts = prompt_examples(train, tok, cfg)
+    eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
+    algo = algorithm(cfg, tok, funcs, prompts, build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0))
+    if is_main():
+        log.info(f"{cfg.command}: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
+                 f"advantages {cfg.advantage_estimator}, loss {cfg.loss_type}, beta {cfg.beta}, kl_coef {cfg.kl_coef}")
+    return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()
