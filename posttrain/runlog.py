@@ -12,7 +12,6 @@ import atexit
 import importlib.util
 import json
 import logging
-import math
 from pathlib import Path
 
 import yaml
@@ -80,10 +79,9 @@ _OPENERS = {"tensorboard": _TensorBoard, "trackio": _Trackio, "wandb": _WandB}
 
 
 class RunLog:
-    def __init__(self, cfg, out: Path, command: str | None = None, tokenizer=None, has_eval: bool = False,
-                 enabled: bool = True):
+    def __init__(self, cfg, out: Path, tokenizer=None, has_eval: bool = False, enabled: bool = True):
         self.cfg, self.out, self.enabled = cfg, Path(out), enabled
-        self.command = command or getattr(cfg, "command", "train")
+        self.command = getattr(cfg, "command", "train")
         self.run_name = getattr(cfg, "run_name", None) or self.out.resolve().name
         self.trackers: dict[str, object] = {}
         self.diagnostics = None
@@ -166,7 +164,7 @@ class RunLog:
             return
         with (self.out / "samples.jsonl").open("a") as f:
             for s in samples:
-                f.write(json.dumps({"step": step, **s}, default=_plain) + "\n")
+                f.write(json.dumps({"step": step, **s}, default=str) + "\n")
 
     def write_report(self) -> Path | None:
         if not self.enabled:
@@ -199,9 +197,3 @@ class RunLog:
         self.close()
         if self.write_report() is not None:
             print(f"report: {self.report_path}", flush=True)
-
-
-def _plain(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
