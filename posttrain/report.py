@@ -252,10 +252,10 @@ def _fmt(v: float, step: float | None = None) -> str:
     return f"{v:.{min(digits, 4)}g}".replace("e-0", "e-").replace("e+0", "e")
 
 
-def render_svg(panel: Panel, x_max: float, markers: list[tuple[int, str]]) -> str:
-    xs = [x for s in panel.series for x, _ in s.points]
+def render_svg(panel: Panel, x_range: tuple[float, float], markers: list[tuple[int, str]]) -> str:
+    """One plot; every plot of a page spans the same steps, so they line up (a final eval sits at the end)."""
     ys = [y for s in panel.series for _, y in s.points]
-    x_lo, x_hi = min(xs), max(max(xs), x_max)
+    x_lo, x_hi = x_range
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
     y_lo, y_hi = min(ys), max(ys)
@@ -437,7 +437,8 @@ def render(runs: list[Run]) -> str:
         for r in runs:
             r.label = f"{r.path.resolve().parent.name}/{r.path.resolve().name}"
     panels = build_panels(runs)
-    x_max = max((float(r.get("step", 0)) for run in runs for r in run.rows), default=1.0)
+    steps = [float(r["step"]) for run in runs for r in run.rows if _number(r.get("step")) is not None]
+    x_range = (min(steps, default=0.0), max(steps, default=1.0))
     fired = [(run.command, name, step) for run in runs for name, step in run.fired()]
     body, section = [], None
     for panel in panels:
@@ -450,7 +451,7 @@ def render(runs: list[Run]) -> str:
                    if any(fnmatch.fnmatchcase(m, p) for m in panel.metrics for p in _rule_metrics(name, command))]
         colors = " ".join(dict.fromkeys(s.color for s in panel.series))
         body.append(f'<figure class="panel" data-title="{html.escape(panel.title)}" data-colors="{colors}">'
-                    f"<figcaption>{html.escape(panel.title)}</figcaption>{render_svg(panel, x_max, markers)}"
+                    f"<figcaption>{html.escape(panel.title)}</figcaption>{render_svg(panel, x_range, markers)}"
                     f"{_legend(panel)}</figure>")
     if section is not None:
         body.append("</div>")
