@@ -79,8 +79,9 @@ class LoraConfig:
     r: int = opt(16, "Adapter rank.")
     alpha: float = opt(32.0, "Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = opt(0.0, "Dropout on the adapter input.")
-    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get adapters "
-                               "(['all-linear']: every linear layer but the output head).")
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
+                               "Module names that get adapters (e.g. q_proj, down_proj), or 'all-linear' for every "
+                               "linear layer except the output head (peft's shorthand).")
     merge: bool = opt(False, "Merge the adapter into the base weights when saving the final model.")
 
 

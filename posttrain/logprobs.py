@@ -188,13 +188,17 @@ def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -
     """The LM head on the hidden states `h` of the scored positions (`index` into `mask`'s shape), with
     gradients when anything needs them, scattered back to a TokenLogps shaped like `mask`."""
     head = base.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
     names = _stat_names(with_stats)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, weight, bias, targets, temperature, chunk_size, names)
+    if type(head) is not torch.nn.Linear:
+        # A wrapped head (LoRA on lm_head): its `.weight` is only the frozen base weight, so the fused kernel
+        # would silently drop the adapter. Call the module itself on the scored positions instead.
+        flat, stats = _module_head_logprob(head, h, targets, temperature, names)
+    elif torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+        flat, stats = _HeadLogProb.apply(h, head.weight, head.bias, targets, temperature, chunk_size, names)
     else:
         with torch.no_grad():
-            flat, stats = _HeadLogProb.forward(_NoCtx(), h, weight, bias, targets, temperature, chunk_size, names)
+            flat, stats = _HeadLogProb.forward(_NoCtx(), h, head.weight, head.bias, targets, temperature, chunk_size,
+                                               names)
 
     def scatter(values):
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(index, values)
@@ -203,6 +207,21 @@ def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -
     for row, name in enumerate(names):
         setattr(out, name, scatter(stats[row]))
     return out
+
+
+def _module_head_logprob(head, h, targets, temperature, names):
+    """Plain autograd through `head(h)`: [n, vocab] logits at once (only for the scored positions)."""
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    flat = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    with torch.no_grad():
+        probs = (logits - lse[:, None]).exp()
+        rows = {"entropy": lambda: lse - torch.linalg.vecdot(probs, logits), "logits_mean": lambda: logits.mean(-1),
+                "log_p2": lambda: torch.linalg.vecdot(probs, probs).log()}
+        stats = torch.stack([rows[n]() for n in names]) if names else logits.new_empty((0, h.shape[0]))
+    return flat, stats
 
 
 class _NoCtx:

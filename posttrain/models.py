@@ -183,17 +183,27 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(cfg, key, 0.0)
 
 
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer except the output head
+
+
 def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    targets = list(lora_cfg.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"  # peft's own choice: every linear layer except the output head (TRL's value)
+    wanted = lora_cfg.target_modules
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    if any(str(m).lower() == ALL_LINEAR for m in wanted):
+        if len(wanted) > 1:
+            raise UserError(f"lora.target_modules: '{ALL_LINEAR}' already names every linear layer; give it alone")
+        targets: str | list = ALL_LINEAR
     else:
-        missing = [m for m in targets if m not in names]
+        bad = [m for m in wanted if not isinstance(m, str) or not m]
+        if bad or not wanted:
+            raise UserError(f"lora.target_modules: expected module names or '{ALL_LINEAR}', got {lora_cfg.target_modules!r}")
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        missing = [m for m in wanted if m not in names]
         if missing:
             raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+        targets = wanted
     peft_cfg = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
@@ -287,22 +297,30 @@ class _SwiGLUDown(torch.autograd.Function):
 
 
 def _lean_forward(self, x):
-    if not torch.is_grad_enabled():
+    # Checked on every call, not once when patching: LoRA is applied after this patch (prepare_model) and
+    # wraps down_proj in a layer whose `.weight` is the frozen base weight. Reading that weight here would
+    # silently skip the adapter in training while generation (no grad) used it. gate_proj and up_proj are
+    # called as modules, so any wrapper on them takes part as usual.
+    if not torch.is_grad_enabled() or type(self.down_proj) is not torch.nn.Linear:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
+def _is_silu(act) -> bool:
+    return type(act) is torch.nn.SiLU or type(act).__name__ == "SiLUActivation"
+
+
 def lean_mlp(model) -> int:
-    """Give every SwiGLU MLP (gate/up/down projections as plain Linear layers, SiLU; Llama, Qwen2, Mistral,
-    SmolLM...) the lean backward of `_SwiGLUDown`. Modules of other shapes, or already wrapped (LoRA on the
-    MLP), keep their forward. Returns how many were changed."""
+    """Give every SwiGLU MLP (gate/up/down projections, SiLU; Llama, Qwen2, Mistral, SmolLM...) the lean
+    backward of `_SwiGLUDown`. Modules of other shapes keep their forward, and so does an MLP whose down_proj
+    is not a plain Linear (LoRA on it): see `_lean_forward`. Returns how many were changed."""
     import types
 
     n = 0
     for m in model.modules():
-        parts = [getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-        act = type(getattr(m, "act_fn", None))
-        if all(type(p) is torch.nn.Linear for p in parts) and (act is torch.nn.SiLU or act.__name__ == "SiLUActivation"):
+        gate, up, down = (getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj"))
+        if (isinstance(gate, torch.nn.Module) and isinstance(up, torch.nn.Module) and type(down) is torch.nn.Linear
+                and _is_silu(getattr(m, "act_fn", None))):
             m.forward = types.MethodType(_lean_forward, m)
             n += 1
     return n

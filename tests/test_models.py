@@ -234,5 +234,21 @@ def test_lean_mlp_frozen_weights_bf16_and_lora(tokenizer):
     for n in g_plain:
         assert_close_to_scale(g_lean[n], g_plain[n], name=n)
 
+    # LoRA on gate/up keeps the lean path (they are called as modules); LoRA on down_proj, whose weight the lean
+    # path reads, does not (tests/test_model_patches.py checks the numbers of both).
     lora = apply_lora(tiny_model(tokenizer, seed=13), LoraConfig(r=4, alpha=8.0, target_modules=["gate_proj", "v_proj"]))
+    assert lean_mlp(lora) == 2
+    lora = apply_lora(tiny_model(tokenizer, seed=13), LoraConfig(r=4, alpha=8.0, target_modules=["down_proj"]))
     assert lean_mlp(lora) == 0
+
+
+def test_lora_all_linear(tiny_model_dir):
+    """peft's shorthand: every linear layer but the output head, for the LM and the reward-model head alike."""
+    for head, task_head in (("lm", "lm_head"), ("score", "score")):
+        cfg = SFTConfig(model=tiny_model_dir, lora=LoraConfig(r=2, target_modules=["all-linear"]))
+        _, model = prepare_model(cfg, head=head)
+        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+        assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, head
+        assert not any(f"{task_head}.lora_" in n for n, _ in model.named_parameters())
+    with pytest.raises(UserError, match="'all-linear' already names every linear layer; give it alone"):
+        prepare_model(SFTConfig(model=tiny_model_dir, lora=LoraConfig(target_modules=["all-linear", "q_proj"])))
