@@ -24,7 +24,12 @@ log = logging.getLogger("posttrain")
 
 
 class UserError(Exception):
-    """A mistake in the user's input (config, data, paths). The CLI prints it as one line and exits 2."""
+    """A mistake in the user's input (config, data, paths). The CLI prints it as one line and exits 2.
+
+    Always one line, whatever it quotes (a library's message, a key or value with a line break in it)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 STRATEGIES = ("steps", "epoch", "no")
@@ -79,7 +84,7 @@ class LoraConfig:
     r: int = opt(16, "Adapter rank.")
     alpha: float = opt(32.0, "Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = opt(0.0, "Dropout on the adapter input.")
-    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
                                "Module names that get adapters (e.g. q_proj, down_proj), or 'all-linear' for every "
                                "linear layer except the output head (peft's shorthand).")
     merge: bool = opt(False, "Merge the adapter into the base weights when saving the final model.")
@@ -321,8 +326,10 @@ def _coerce(value: Any, tp, where: str, name: str = "", lines: dict | None = Non
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf / .nan in YAML: no setting means that, and training would diverge
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -333,15 +340,24 @@ def _coerce(value: Any, tp, where: str, name: str = "", lines: dict | None = Non
     if tp is list or origin is list:
         if isinstance(value, str):
             # "0.8,0.2" on the command line: each item parsed like a YAML scalar (numbers stay numbers).
-            value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
+            value = [_scalar(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
-        return value
+        item = (typing.get_args(tp) or (None,))[0]
+        return value if item is None else [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
         return value
     return value
+
+
+def _scalar(text: str):
+    """A command-line value read as YAML would read it; text that is not valid YAML stays text."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        return text
 
 
 def config_fields(cls) -> list[dataclasses.Field]:
@@ -354,6 +370,7 @@ def build_dataclass(cls, values: dict, prefix: str = "", lines: dict | None = No
     names = {f.name: f for f in config_fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        key = key if isinstance(key, str) else str(key)  # YAML keys may be numbers or dates
         name = prefix + key
         where = (lines or {}).get(name, "") + name
         if key not in names:
@@ -375,6 +392,10 @@ def _yaml_key_lines(path: str, text: str) -> dict[str, str]:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 name = prefix + str(k.value)
+                if name in out and k.value != "<<":
+                    # PyYAML keeps the last value without a word; setting a key twice is a mistake to report.
+                    first = out[name].rsplit(":", 2)[-2]
+                    raise UserError(f"{path}:{k.start_mark.line + 1}: {name}: set twice (first on line {first})")
                 out[name] = f"{path}:{k.start_mark.line + 1}: "
                 walk(v, name + ".")
 
@@ -387,11 +408,12 @@ def _yaml_key_lines(path: str, text: str) -> dict[str, str]:
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         cur = d.get(p)
+        if cur is None or cur is True:  # `lora: true` / absent: an empty block the override fills
+            cur = d[p] = {}
         if not isinstance(cur, dict):
-            cur = {} if cur in (None, True) else cur
-            d[p] = cur
+            raise UserError(f"{dotted}: {'.'.join(parts[: i + 1])} is a single value, not a block of keys")
         d = cur
     d[parts[-1]] = value
 
@@ -404,10 +426,16 @@ def read_yaml(config_file: str) -> tuple[dict, dict[str, str]]:
         raise UserError(f"{config_file}: cannot read config ({e.strerror})") from None
     try:
         values = yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as e:  # a control character, e.g. binary data in the file
+        line = text.count("\n", 0, e.position) + 1
+        raise UserError(f"{config_file}:{line}: invalid YAML (character {e.character!r} is not allowed)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{config_file}:{mark.line + 1}" if mark else config_file
-        raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise UserError(f"{loc}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{config_file}: YAML nested too deeply") from None
     if not isinstance(values, dict):
         raise UserError(f"{config_file}:1: the config must be a mapping of key: value")
     return values, _yaml_key_lines(config_file, text)
@@ -420,10 +448,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"argument '{item}': expected key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _scalar(raw) if raw.strip() else ""
         _set_dotted(values, key.strip(), value)
     return values
 

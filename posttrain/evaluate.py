@@ -37,7 +37,7 @@ class Config:
     dataset_split: str = opt("test", "Split to read from hub datasets.")
     skip_invalid: bool = opt(False, "Skip malformed rows instead of stopping.")
     max_samples: int | None = opt(None, "Evaluate only the first N prompts.")
-    reward_funcs: list = opt(["accuracy"], "Verifiers / reward functions; the first is the headline metric.")
+    reward_funcs: list[str] = opt(["accuracy"], "Verifiers / reward functions; the first is the headline metric.")
     format_pattern: str | None = opt(None, "Regex for the `format` reward.")
     reward_model: str | None = opt(None, "Path of a reward model for the reward_model function.")
     max_completion_length: int = opt(64, "Maximum new tokens per completion.")

@@ -50,8 +50,8 @@ class Config(TrainConfig):
     SimPO / CPO / ORPO. `batch_size` and `micro_batch_size` count PAIRS. With no dataset: pairs from the
     built-in arithmetic task (correct answer chosen, a plausible wrong one rejected)."""
 
-    loss_type: list = opt(["sigmoid"], "Loss name(s); a list is a weighted sum (see loss_weights). Names as in TRL.")
-    loss_weights: list | None = opt(None, "Weights of the loss_type terms (default: all 1).")
+    loss_type: list[str] = opt(["sigmoid"], "Loss name(s); a list is a weighted sum (see loss_weights). Names as in TRL.")
+    loss_weights: list[float] | None = opt(None, "Weights of the loss_type terms (default: all 1).")
     beta: float | None = opt(None, "Inverse temperature of the implicit reward (default 0.1; 2.5 for simpo).")
     label_smoothing: float = opt(0.0, "cDPO / robust DPO label-noise rate (0 <= eps < 0.5).")
     f_divergence: str = opt("reverse_kl", "f-DPO divergence.", ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))

@@ -30,7 +30,11 @@ def load_train_eval(cfg, kind: str, default: str) -> tuple[Dataset, Dataset | No
 
 def encode_dataset(ds: Dataset, encode_fn) -> list:
     """Tokenize every row; report rows skipped as invalid and rows dropped by truncation."""
-    examples, dropped = encode_rows(ds.rows, encode_fn)
+    try:
+        examples, dropped = encode_rows(ds.rows, encode_fn)
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(ds.name) else f"{ds.name}: {msg}") from None
     for line in report_skipped(ds):
         log.warning(line)
     for reason, n in dropped.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,63 +53,109 @@ class Dataset:
 
 
 def _read_file(path: Path) -> list[Row]:
-    try:
-        return _read_file_unchecked(path)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
-def _read_file_unchecked(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix not in FILE_SUFFIXES:
+        raise UserError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                # A bad line becomes an error row, so skip_invalid can skip it like any other bad row.
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rows.append(Row({}, f"{path}:{i}", f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"))
-                    continue
-                if not isinstance(obj, dict):
-                    rows.append(Row({}, f"{path}:{i}", f"expected a JSON object per line, got {type(obj).__name__}"))
-                    continue
-                rows.append(Row(obj, f"{path}:{i}"))
-        return rows
-    if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        return _read_jsonl(path, raw)
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors, Excel's "CSV UTF-8") is not part of the first field.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start + 1} of the file)") from None
+    return _read_json(path, text) if suffix == ".json" else _read_csv(path, text)
+
+
+def _read_jsonl(path: Path, raw: bytes) -> list[Row]:
+    """One row per non-blank line. A line that cannot be read becomes an error row (skip_invalid skips it
+    like any other bad row): invalid JSON, not an object, not UTF-8, or nested too deeply to decode."""
+    rows = []
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        if i == 1 and line.startswith(b"\xef\xbb\xbf"):  # byte-order mark
+            line = line[3:]
+        if not line.strip():
+            continue
+        src = f"{path}:{i}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append(Row({}, src, f"not UTF-8 text (byte {e.start + 1} of the line)"))
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-            obj = next(iter(obj.values()))  # {"data": [...]} / {"train": [...]}
-        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        lines = _json_item_lines(text, len(obj))
-        return [Row(o, f"{path}:{line}" if line else f"{path}:item {i}") for i, (o, line) in enumerate(zip(obj, lines), 1)]
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".parquet":
-        import pandas as pd
+            rows.append(Row({}, src, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"))
+            continue
+        except RecursionError:
+            rows.append(Row({}, src, "JSON nested too deeply"))
+            continue
+        if not isinstance(obj, dict):
+            rows.append(Row({}, src, f"expected a JSON object per line, got {_json_type(obj)}"))
+            continue
+        rows.append(Row(obj, src))
+    return rows
 
-        try:
-            records = pd.read_parquet(path).to_dict(orient="records")
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-            raise UserError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
-        return [Row(_plain(r), f"{path}:row {i}") for i, r in enumerate(records, 1)]
-    raise UserError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
+
+def _json_type(obj) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(obj), "a number")
+
+
+def _read_json(path: Path, text: str) -> list[Row]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        obj = next(iter(obj.values()))  # {"data": [...]} / {"train": [...]}
+    if not isinstance(obj, list):
+        raise UserError(f"{path}: expected a JSON list of objects, got {_json_type(obj)}")
+    lines = _json_item_lines(text, len(obj))
+    rows = []
+    for i, (o, line) in enumerate(zip(obj, lines), 1):
+        src = f"{path}:{line}" if line else f"{path}:item {i}"
+        if isinstance(o, dict):
+            rows.append(Row(o, src))
+        else:  # an error row, so skip_invalid can skip it
+            rows.append(Row({}, src, f"expected a JSON object for each item of the list, got {_json_type(o)}"))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pandas as pd
+
+    try:
+        records = pd.read_parquet(path).to_dict(orient="records")
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+        raise UserError(f"{path}: cannot read parquet ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return [Row(_plain(r), f"{path}:row {i}") for i, r in enumerate(records, 1)]
 
 
 def _json_item_lines(text: str, n: int) -> list[int | None]:
-    """Line number where each item of a top-level JSON array starts (None for other layouts)."""
-    start = text.lstrip()
-    if not start.startswith("["):
+    """Line number where each item of the JSON array starts: a top-level array, or the one array of a
+    {"data": [...]} wrapper (None for other layouts)."""
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if text[i : i + 1] == "{":  # the wrapper: skip `{ "key" :` to the array
+        i += 1
+        while text[i] in " \t\r\n":
+            i += 1
+        i = decoder.raw_decode(text, i)[1]
+        while text[i] in " \t\r\n:":
+            i += 1
+    if text[i : i + 1] != "[":
         return [None] * n
-    decoder, lines = json.JSONDecoder(), []
-    i = text.index("[") + 1
+    i += 1
+    lines: list[int | None] = []
     while len(lines) < n:
         while text[i] in " \t\r\n,":
             i += 1
@@ -117,34 +164,61 @@ def _json_item_lines(text: str, n: int) -> list[int | None]:
     return lines
 
 
-def _read_csv(path: Path) -> list[Row]:
+def _read_csv(path: Path, text: str) -> list[Row]:
     """CSV rows with the physical line each starts on (quoted cells may span lines).
 
-    CSV cells are strings, so two conventions make every format expressible: a cell holding a JSON list
-    of objects or a JSON object (e.g. a conversation, `[{"role": "user", ...}]`) is decoded, and a `label`
-    column of true/false (any case) becomes a boolean.
+    CSV cells are strings, so three conventions make every format expressible: an empty cell is a missing
+    field, a cell holding a JSON list of objects or a JSON object (e.g. a conversation,
+    `[{"role": "user", ...}]`) is decoded, and a `label` column of true/false (any case) becomes a boolean. A row with more or fewer cells than the header is an
+    error row: usually an unquoted comma inside a text, which would otherwise shift text into other fields.
     """
     import csv
+    import io
 
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # default 128 KiB: long documents are legitimate cells
+    # strict: a quote left open (a truncated file) or stray text after a closing quote is an error, not a
+    # cell silently cut short or glued together.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise UserError(f"{path}:1: invalid CSV header ({e})") from None
+    if header is None:
+        return []
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise UserError(f"{path}:1: column {dupes[0]!r} appears more than once in the header")
     rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        start = reader.line_num + 1
-        for record in reader:
-            data = {k: _csv_cell(k, v) for k, v in record.items() if k is not None}
-            rows.append(Row(data, f"{path}:{start}"))
+    start = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rows.append(Row({}, f"{path}:{start}", f"invalid CSV ({e})"))
             start = reader.line_num + 1
+            continue
+        src = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            rows.append(Row({}, src, f"{len(cells)} cells for {len(header)} columns ({', '.join(header)}); "
+                                     "quote texts that contain commas"))
+            continue
+        rows.append(Row({k: _csv_cell(k, v) for k, v in zip(header, cells)}, src))
     return rows
 
 
 def _csv_cell(key: str, value: str | None):
-    if value is None:
-        return None
-    text = value.strip()
+    text = (value or "").strip()
+    if not value:
+        return None  # an empty cell is the only way CSV can leave a field out
     if text[:1] in ("[", "{"):
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON (or absurdly nested): the cell is text
             return value
         # Only message lists / objects: a text cell such as "[1, 2]" stays text.
         if isinstance(obj, dict) or (isinstance(obj, list) and obj and all(isinstance(m, dict) for m in obj)):
@@ -156,9 +230,11 @@ def _csv_cell(key: str, value: str | None):
 
 
 def _plain(obj: Any) -> Any:
-    """numpy arrays/scalars from parquet -> lists and Python scalars."""
+    """numpy arrays/scalars from parquet -> lists and Python scalars; NaN (pandas' missing value) -> None."""
     if hasattr(obj, "tolist"):
         obj = obj.tolist()
+    if isinstance(obj, float) and obj != obj:
+        return None
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -204,8 +280,10 @@ def sft_view(data: dict) -> dict:
     return data
 
 
-def detect_format(data: dict) -> str | None:
-    keys = set(data)
+def detect_format(data: dict, nulls: bool = False) -> str | None:
+    """The format a row's fields announce. A null field is a missing one (Parquet and hub datasets give every
+    row every column, null where absent) unless `nulls`: what the row would be with its nulls filled."""
+    keys = {k for k, v in data.items() if nulls or v is not None}
     if {"chosen", "rejected"} <= keys:
         return "preference"
     if {"prompt", "completion", "label"} <= keys:
@@ -221,10 +299,19 @@ def detect_format(data: dict) -> str | None:
     return None
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """JSON may spell lone UTF-16 surrogates (\\ud800); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: invalid Unicode (a lone surrogate {text[e.start]!a} at character {e.start + 1})") from None
+
+
 def _check_text_or_messages(value: Any, name: str, src: str, *, allow_empty: bool = False) -> None:
     if isinstance(value, str):
         if not value.strip() and not allow_empty:
             raise UserError(f"{src}: field '{name}': empty text")
+        _check_unicode(value, f"{src}: field '{name}'")
         return
     if isinstance(value, list):
         if not value:
@@ -236,16 +323,19 @@ def _check_text_or_messages(value: Any, name: str, src: str, *, allow_empty: boo
             if "role" not in m or "content" not in m:
                 missing = "role" if "role" not in m else "content"
                 raise UserError(f"{where}: missing '{missing}'")
-            if m["role"] not in ROLES:
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
                 raise UserError(f"{where}: unknown role {m['role']!r} (expected one of {', '.join(sorted(ROLES))})")
             if not isinstance(m["content"], str):
                 raise UserError(f"{where}.content: expected a string, got {type(m['content']).__name__}")
+            _check_unicode(m["content"], f"{where}.content")
         return
     raise UserError(f"{src}: field '{name}': expected a string or a list of messages, got {type(value).__name__}")
 
 
 def validate_row(data: dict, fmt: str, src: str) -> dict:
-    """Return the row in canonical form or raise UserError naming file:line and field."""
+    """Return the row in canonical form or raise UserError naming file:line and field. Null fields are dropped
+    (null is missing, see detect_format), so later stages never meet a None where a value should be."""
+    data = {k: v for k, v in data.items() if v is not None}
     required = {
         "language_modeling": (),
         "prompt_completion": ("prompt", "completion"),
@@ -309,7 +399,7 @@ def split_implicit_prompt(chosen, rejected, src):
 
 def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bool = False, max_samples: int | None = None,
                  config: str | None = None) -> Dataset:
-    """Read, detect the format from the first row, validate every row.
+    """Read, detect the format (the one most rows have), validate every row.
 
     `kind` says what the command consumes (see KINDS); a file in another format is a one-line error.
     """
@@ -321,8 +411,13 @@ def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bo
         if rows and not skip_invalid:
             raise UserError(f"{rows[0].source}: {rows[0].error}")
         raise UserError(f"{spec}: no rows")
-    first = parsed[0]
-    fmt = detect_format(first.data)
+    # The format most rows have (the earliest on a tie), so one broken row, even the first, is reported as
+    # that row's problem rather than as the whole file being in another format.
+    fmt = _majority_format(parsed)
+    if fmt not in KINDS[kind] and _majority_format(parsed, nulls=True) in KINDS[kind]:
+        # {"prompt": "a", "completion": null}: a prompt-completion row missing its completion, not prompt-only data.
+        fmt = _majority_format(parsed, nulls=True)
+    first = next((r for r in parsed if detect_format(r.data, nulls=True) == fmt), parsed[0])
     if fmt is None:
         raise UserError(
             f"{first.source}: cannot tell the data format from fields {sorted(first.data)} "
@@ -352,18 +447,23 @@ def load_dataset(spec: str, kind: str, *, split: str = "train", skip_invalid: bo
     return Dataset(good, spec, fmt, skipped)
 
 
+def _majority_format(rows: list[Row], nulls: bool = False) -> str | None:
+    formats = Counter(f for f in (detect_format(r.data, nulls) for r in rows) if f is not None)
+    return max(formats, key=formats.get) if formats else None  # max keeps the earliest of equal counts
+
+
 def _format_mismatch(row: Row, row_fmt: str | None, fmt: str, first: Row) -> None:
     """A row whose fields say another format: name the missing field when that explains it."""
     needed = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
               "unpaired": ("prompt", "completion", "label"), "prompt_only": ("prompt",),
               "language_modeling": ("messages",) if "messages" in first.data else ("text",)}[fmt]
-    missing = [k for k in needed if k not in row.data]
+    missing = [k for k in needed if row.data.get(k) is None]
     # Missing when the row has none of the recognised fields, or part of the file format's fields.
     if missing and (row_fmt is None or len(missing) < len(needed)):
         raise UserError(f"{row.source}: missing field '{missing[0]}' (this file is in {fmt.replace('_', '-')} format)")
     raise UserError(
-        f"{row.source}: fields {sorted(row.data)} are {row_fmt.replace('_', '-')} format, but the first row "
-        f"({first.source}) is {fmt.replace('_', '-')}; mixed formats in one dataset"
+        f"{row.source}: fields {sorted(row.data)} are {row_fmt.replace('_', '-')} format, but most rows "
+        f"(as {first.source}) are {fmt.replace('_', '-')}; mixed formats in one dataset"
     )
 
 

@@ -9,6 +9,7 @@ would keep no completion token is dropped and counted, never trained on silently
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +138,16 @@ def encode_conversation(tok, messages, assistant_only: bool) -> Encoded:
 def encode_sft_row(tok, data: dict, *, max_length: int, max_prompt_length: int | None, completion_only: bool,
                    assistant_only: bool, truncation_mode: str = "keep_start") -> Encoded | None:
     """One SFT example; None when truncation would leave no trainable token. truncation_mode: keep the first
-    (keep_start) or the last (keep_end) max_length tokens."""
+    (keep_start) or the last (keep_end) max_length tokens. The fields used are those of the row's format
+    (`detect_format`): a prompt-completion row with a stray `text` column trains on the pair."""
+    from posttrain.data.formats import detect_format
+
     keep = slice(-max_length, None) if truncation_mode == "keep_end" else slice(None, max_length)
-    if "messages" in data:
+    fmt = detect_format(data)
+    if fmt == "language_modeling" and data.get("messages") is not None:
         enc = encode_conversation(tok, data["messages"], assistant_only)
         enc = Encoded(enc.input_ids[keep], enc.mask[keep])
-    elif "text" in data:
+    elif fmt == "language_modeling":
         ids = _strip_after_eos(tok, _ids(tok, data["text"], first=True))[keep]
         enc = Encoded(ids, [0] + [1] * (len(ids) - 1))
     else:
@@ -157,11 +162,27 @@ def encode_sft_row(tok, data: dict, *, max_length: int, max_prompt_length: int |
     return enc if sum(enc.mask) > 0 else None
 
 
+@contextmanager
+def row_errors(source: str):
+    """Errors while tokenizing a row name its file and line: our own (a template that is not prefix-stable)
+    and the chat template's (a Jinja template that raises, e.g. on roles that do not alternate)."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    except TemplateError as e:
+        raise UserError(f"{source}: the chat template refused this row ({(str(e).splitlines() or [''])[0]})") from None
+
+
 def encode_rows(rows, encode_fn) -> tuple[list, Counter]:
     """Apply `encode_fn(row.data)`; rows it returns None for are counted as dropped (too long)."""
     out, dropped = [], Counter()
     for row in rows:
-        enc = encode_fn(row.data)
+        with row_errors(row.source):
+            enc = encode_fn(row.data)
         if enc is None:
             dropped["prompt fills max_length, no completion token left"] += 1
             continue

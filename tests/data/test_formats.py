@@ -154,8 +154,8 @@ def test_label_not_bool(tmp_path):
 def test_mixed_formats(tmp_path):
     msg = _error(tmp_path, ['{"text": "a"}', '{"prompt": "b", "completion": "c"}'])
     assert msg == (
-        f"{tmp_path}/bad.jsonl:2: fields ['completion', 'prompt'] are prompt-completion format, but the first row "
-        f"({tmp_path}/bad.jsonl:1) is language-modeling; mixed formats in one dataset"
+        f"{tmp_path}/bad.jsonl:2: fields ['completion', 'prompt'] are prompt-completion format, but most rows "
+        f"(as {tmp_path}/bad.jsonl:1) are language-modeling; mixed formats in one dataset"
     )
 
 
@@ -189,7 +189,8 @@ def test_csv_errors_count_physical_lines(tmp_path):
     path.write_text('prompt,completion\n"two\nlines",ok\nfine,\n')
     with pytest.raises(UserError) as e:
         load_dataset(str(path), "sft")
-    assert str(e.value) == f"{tmp_path}/bad.csv:4: field 'completion': empty text"
+    # An empty cell is a missing field (CSV has no other way to leave one out).
+    assert str(e.value) == f"{tmp_path}/bad.csv:4: missing field 'completion' (this file is in prompt-completion format)"
 
 
 def test_csv_label_parsing(tmp_path):
@@ -214,9 +215,13 @@ def test_parquet_errors_name_the_row(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
-    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match=rf"^{tmp_path}/latin1.jsonl: not UTF-8 text \(byte 13\)$"):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{tmp_path}/latin1.jsonl:2: not UTF-8 text \(byte 14 of the line\)$"):
         load_dataset(str(tmp_path / "latin1.jsonl"), "sft")
+    assert len(load_dataset(str(tmp_path / "latin1.jsonl"), "sft", skip_invalid=True).rows) == 1
+    (tmp_path / "latin1.csv").write_bytes('text\nok\ncaf\u00e9\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{tmp_path}/latin1.csv:3: not UTF-8 text \(byte 12 of the file\)$"):
+        load_dataset(str(tmp_path / "latin1.csv"), "sft")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match=rf"^{tmp_path}/broken.parquet: cannot read parquet \("):
         load_dataset(str(tmp_path / "broken.parquet"), "sft")

@@ -141,7 +141,7 @@ def test_rows_without_completion_left_are_dropped_and_counted(tokenizer):
 
     class R:
         def __init__(self, data):
-            self.data = data
+            self.data, self.source = data, "rows.jsonl:1"
 
     # max_length 7: the first prompt has 6 tokens (room for one completion token), the second has 15.
     assert len(ids(tokenizer, rows[0]["prompt"])) == 6 and len(ids(tokenizer, rows[1]["prompt"])) == 15
