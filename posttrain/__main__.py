@@ -1,3 +1,4 @@
 from posttrain.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # also imported by multiprocessing's spawned children (reward workers)
+    raise SystemExit(main())

@@ -71,14 +71,24 @@ class OnlineConfig(TrainConfig):
     """Online RL with verifiable rewards. `batch_size` counts PROMPTS per optimizer step (each brings
     `num_generations` completions); `micro_batch_size` counts COMPLETIONS per forward/backward on one device."""
 
-    reward_funcs: list | None = opt(None, "Reward functions: names (accuracy, format, length, reward_model) or module:function. Default: accuracy (+ format for the built-in task); reward_model when reward_model is given.")
-    reward_weights: list | None = opt(None, "Weight of each reward function (default: all 1).")
+    reward_funcs: list[str] | None = opt(None, "Reward functions: names (accuracy, format, length, reward_model) or module:function. Default: accuracy (+ format for the built-in task); reward_model when reward_model is given.")
+    reward_weights: list[float] | None = opt(None, "Weight of each reward function (default: all 1).")
     reward_model: str | None = opt(None, "Path of a reward model (`posttrain rm` output or any sequence-classification folder), used by the reward_model function.")
     format_pattern: str | None = opt(None, "Regex the `format` reward checks (default: a \\boxed{} answer).")
     overlong_buffer: int | None = opt(None, "`length` reward: tokens before max_completion_length where the penalty ramps.")
     reward_timeout: float = opt(10.0, "Seconds a reward function may take per batch before its column is NaN.")
+    reward_isolation: str = opt(
+        "thread",
+        "Where reward functions run. thread: in the trainer (survives exceptions and hangs; a hung call is "
+        "abandoned). process: each function in its own worker process, killed at reward_timeout and replaced "
+        "after a crash, os._exit or MemoryError, so a segfault or runaway allocation costs one batch's scores.",
+        ("thread", "process"),
+    )
+    reward_memory_mb: int | None = opt(
+        None, "reward_isolation=process: address-space limit of each reward worker process in MiB (set with "
+        "resource.RLIMIT_AS after the function loads); a call that allocates past it scores None. Default: none.")
     missing_eos_penalty: float | None = opt(None, "Subtracted from the score of a completion cut at max_completion_length (TRL's PPO option).")
-    reward_clip_range: list | None = opt(None, "[min, max]: each completion's score is clamped to it (after missing_eos_penalty).")
+    reward_clip_range: list[float] | None = opt(None, "[min, max]: each completion's score is clamped to it (after missing_eos_penalty).")
     num_generations: int = opt(8, "G: completions sampled per prompt (2 = 2-GRPO).")
     max_completion_length: int = opt(64, "Maximum new tokens per completion.")
     temperature: float = opt(1.0, "Sampling temperature (also divides the logits when scoring).")
@@ -169,6 +179,10 @@ class OnlineConfig(TrainConfig):
                 raise UserError(f"reward_clip_range: expected [min, max] with min < max, got {r!r}")
         if self.num_completions_to_print < 0:
             raise UserError("num_completions_to_print must be >= 0")
+        if self.reward_timeout <= 0:
+            raise UserError("reward_timeout must be > 0")
+        if self.reward_memory_mb is not None and (self.reward_memory_mb < 1 or self.reward_isolation != "process"):
+            raise UserError("reward_memory_mb must be >= 1 and needs reward_isolation=process")
         if self.num_iterations < 1 or self.max_sampling_rounds < 1:
             raise UserError("num_iterations and max_sampling_rounds must be >= 1")
         if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -539,7 +553,7 @@ def default_reward_funcs(cfg: OnlineConfig, builtin: bool, has_answer: bool) -> 
 def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
     train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
     builtin = cfg.dataset is None or cfg.dataset.split(":")[0] == DEFAULT_DATASET
-    names = default_reward_funcs(cfg, builtin, bool({"answer", "solution"} & set(train.rows[0].data)))
+    names = default_reward_funcs(cfg, builtin, any({"answer", "solution"} & set(r.data) for r in train.rows))
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
         raise UserError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(names)} reward functions")
     pattern = cfg.format_pattern or (BUILTIN_FORMAT_PATTERN if builtin else None)
@@ -549,9 +563,19 @@ def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
         funcs = load_reward_funcs(
             names, format_pattern=pattern, overlong_buffer=cfg.overlong_buffer,
             max_completion_length=cfg.max_completion_length, reward_model=cfg.reward_model,
+            isolation=cfg.reward_isolation, memory_mb=cfg.reward_memory_mb,
         )
     except ValueError as e:
         raise UserError(f"reward_funcs: {e}") from None
+    try:
+        return _train(cfg, algorithm, train, evald, funcs, names)
+    finally:
+        for _, fn in funcs:  # reward worker processes (reward_isolation=process)
+            if hasattr(fn, "close"):
+                fn.close()
+
+
+def _train(cfg, algorithm, train, evald, funcs, names):
     tok, model = prepare_model(cfg)
     prompts = prompt_examples(train, tok, cfg)
     eval_prompts = prompt_examples(evald, tok, cfg) if evald else None

@@ -1,40 +1,24 @@
 """Online-RL building blocks: sampling completions (``generate``), scoring them (``rewards``), and the typed
-steps from prompts to scored groups that every online method shares (``groups``)."""
+steps from prompts to scored groups that every online method shares (``groups``).
 
-from posttrain.rollout.generate import GenerationEngine, HFEngine, Rollout
-from posttrain.rollout.groups import (
-    PromptExample,
-    ScoredRollout,
-    filter_groups,
-    has_signal,
-    prompt_examples,
-    prompt_seed,
-    sample,
-    score,
-)
-from posttrain.rollout.rewards import (
-    BUILTIN_REWARDS,
-    RewardModelReward,
-    RewardResult,
-    compute_rewards,
-    load_reward_funcs,
-)
+Names are imported on first use: a reward worker process (``reward_isolation: process``) imports
+``posttrain.rollout.rewards`` and must not pay for torch and transformers, which the other modules need.
+"""
 
-__all__ = [
-    "BUILTIN_REWARDS",
-    "GenerationEngine",
-    "HFEngine",
-    "PromptExample",
-    "RewardModelReward",
-    "RewardResult",
-    "Rollout",
-    "ScoredRollout",
-    "compute_rewards",
-    "filter_groups",
-    "has_signal",
-    "load_reward_funcs",
-    "prompt_examples",
-    "prompt_seed",
-    "sample",
-    "score",
-]
+import importlib
+
+_WHERE = {
+    "GenerationEngine": "generate", "HFEngine": "generate", "Rollout": "generate",
+    "PromptExample": "groups", "ScoredRollout": "groups", "filter_groups": "groups", "has_signal": "groups",
+    "prompt_examples": "groups", "prompt_seed": "groups", "sample": "groups", "score": "groups",
+    "BUILTIN_REWARDS": "rewards", "RewardModelReward": "rewards", "RewardResult": "rewards",
+    "compute_rewards": "rewards", "load_reward_funcs": "rewards",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"posttrain.rollout.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'posttrain.rollout' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.tokenize import encode_prompt
+from posttrain.data.tokenize import encode_prompt, row_errors
 from posttrain.rollout.generate import GenerationEngine, Rollout, pad_cat
 from posttrain.rollout.rewards import compute_rewards
 
@@ -52,7 +52,8 @@ def prompt_examples(ds, tok, cfg) -> list[PromptExample]:
                 prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + cfg.prompt_suffix}]
         as_chat = isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template
         # Reward functions see the prompt as the data has it (text stays text, as in TRL).
-        ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt)
+        with row_errors(row.source):
+            ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt)
         if max_prompt_length and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
         cols = {k: v for k, v in data.items() if k not in ("prompt", "completion", "chosen", "rejected")}

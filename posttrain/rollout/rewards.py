@@ -9,6 +9,13 @@ names. Prompts and completions are strings or conversations (lists of ``{"role",
 Built-ins, by name: ``accuracy``, ``format``, ``length`` (DAPO's soft overlong punishment) and
 ``reward_model`` (a trained sequence-classification reward model). ``compute_rewards`` runs every function
 with a per-call timeout and turns failures into NaN columns instead of crashing a training run.
+
+Isolation (``load_reward_funcs(..., isolation=...)``): ``thread`` (default) calls each function in a thread of
+the training process, which survives an exception or a hang (the hung thread is abandoned) but not a segfault,
+``os._exit`` or an allocation that exhausts memory. ``process`` runs each function in its own worker process
+(`IsolatedReward`), killed and replaced after a crash, a timeout or a MemoryError under its address-space limit.
+
+torch is imported only where needed, so a reward worker process starts without it (seconds saved per start).
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +255,8 @@ class RewardModelReward:
         return (text if not eos or text.endswith(eos) else text + eos), False
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        import torch
+
         rendered = [self._render(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for i in range(0, len(rendered), self.batch_size):
@@ -291,7 +303,8 @@ def _import_callable(spec: str):
     return fn
 
 
-def load_reward_funcs(specs: list[str], **options) -> list[tuple[str, object]]:
+def load_reward_funcs(specs: list[str], *, isolation: str = "thread", memory_mb: int | None = None,
+                      **options) -> list[tuple[str, object]]:
     """Resolve reward specs to ``(name, callable)`` pairs, in order.
 
     A spec is a built-in name (``accuracy``, ``format``, ``length``, ``reward_model``) or ``module:function``
@@ -299,7 +312,29 @@ def load_reward_funcs(specs: list[str], **options) -> list[tuple[str, object]]:
     ``path/to/file.py:score``). Options ``format_pattern``, ``overlong_buffer``, ``max_completion_length`` are
     bound to the built-ins that take them; ``reward_model`` (path) and ``reward_model_device`` configure the
     ``reward_model`` built-in. Options set to None are ignored. User functions get no options.
+
+    ``isolation="process"``: each function is loaded and called in its own worker process instead
+    (`IsolatedReward`), with ``memory_mb`` its address-space limit; the workers start here, so a function
+    that cannot be loaded fails now, not in the first training step.
     """
+    if isolation == "process":
+        _resolve(specs, options, load=False)  # name errors without starting any process
+        workers = [IsolatedReward(spec, {k: v for k, v in options.items() if v is not None}, memory_mb)
+                   for spec in specs]
+        try:
+            for w in workers:
+                w.wait_ready()
+        except BaseException:
+            for w in workers:
+                w.close()
+            raise
+        return [(w.name, w) for w in workers]
+    if isolation != "thread":
+        raise ValueError(f"unknown reward isolation {isolation!r}: thread or process")
+    return _resolve(specs, options)
+
+
+def _resolve(specs, options, load: bool = True) -> list[tuple[str, object]]:
     unknown = set(options) - REWARD_OPTIONS
     if unknown:
         raise ValueError(f"unknown reward options {sorted(unknown)} (known: {sorted(REWARD_OPTIONS)})")
@@ -308,17 +343,19 @@ def load_reward_funcs(specs: list[str], **options) -> list[tuple[str, object]]:
         raise ValueError(f"duplicate reward functions in {list(specs)}")
     funcs = []
     for spec in specs:
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"reward function {spec!r}: expected a name or module:function")
         if spec == "reward_model":
             if "reward_model" not in options:
                 raise ValueError("reward function 'reward_model' needs the reward_model option (a model path)")
-            fn = RewardModelReward(options["reward_model"], device=options.get("reward_model_device", "cpu"))
+            fn = RewardModelReward(options["reward_model"], device=options.get("reward_model_device", "cpu")) if load else None
         elif spec in BUILTIN_REWARDS:
             fn = BUILTIN_REWARDS[spec]
             params = inspect.signature(fn).parameters
             bound = {k: v for k, v in options.items() if k in params}
             fn = functools.partial(fn, **bound) if bound else fn
         elif ":" in spec:
-            fn = _import_callable(spec)
+            fn = _import_callable(spec) if load else None
         else:
             raise ValueError(f"unknown reward function {spec!r}: use one of {sorted(BUILTIN_REWARDS) + ['reward_model']}"
                              " or module:function")
@@ -327,6 +364,217 @@ def load_reward_funcs(specs: list[str], **options) -> list[tuple[str, object]]:
 
 
 # ------------------------------------------------------------------------------------------------ running
+
+
+# ----------------------------------------------------------------------------------- process isolation
+
+
+class RewardTimeout(RuntimeError):
+    """An isolated reward call ran past its timeout; its worker was killed."""
+
+
+class RewardCrash(RuntimeError):
+    """An isolated reward worker died (segfault, os._exit, killed by the OS) or ran out of its memory limit."""
+
+
+def _mp_context():
+    import multiprocessing
+
+    # spawn: a fresh interpreter. fork would copy the trainer's threads (torch's pool) into the child, where a
+    # reward function using torch could deadlock; forkserver is not available everywhere.
+    return multiprocessing.get_context("spawn")
+
+
+class IsolatedReward:
+    """One reward function living in its own worker process (see the module docstring).
+
+    `score(prompts, completions, columns, timeout)` sends the batch to the worker and waits at most `timeout`
+    seconds. A worker that dies, hangs or hits MemoryError is killed, the call raises RewardCrash or
+    RewardTimeout, and a replacement starts at once (in the background; the next call waits for it).
+    """
+
+    isolated = True
+
+    def __init__(self, spec: str, options: dict, memory_mb: int | None = None, start_timeout: float = 120.0):
+        self.spec, self.options, self.memory_mb, self.start_timeout = spec, options, memory_mb, start_timeout
+        self.__name__ = self.name = spec
+        self.replacements = 0
+        self._proc = self._conn = None
+        self._ready = False
+        self._start()
+
+    def _start(self) -> None:
+        ctx = _mp_context()
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_reward_worker, args=(child, self.spec, self.options, self.memory_mb),
+                                 name=f"reward-{self.spec}", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn, self._ready = parent, False
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its function; ValueError if it cannot (bad module, memory limit)."""
+        if self._ready:
+            return
+        if not self._conn.poll(self.start_timeout):
+            self._kill()
+            raise ValueError(f"reward function {self.spec!r}: its worker did not start within {self.start_timeout:.0f}s")
+        try:
+            status, detail = self._conn.recv()
+        except (EOFError, OSError):
+            status, detail = "load_error", f"its worker exited while loading ({self._exit_reason()})"
+        if status != "ready":
+            self._kill()
+            raise ValueError(detail if detail.startswith("reward function") else f"reward function {self.spec!r}: {detail}")
+        self._ready = True
+
+    def score(self, prompts, completions, columns: dict, timeout: float) -> list:
+        if self._proc is None:
+            self._start()
+        self.wait_ready()
+        try:
+            self._conn.send((list(prompts), list(completions), columns))
+        except (BrokenPipeError, OSError, EOFError):
+            self._replace()
+            raise RewardCrash(f"worker gone before the call ({self._exit_reason()})") from None
+        if not self._conn.poll(timeout):
+            self._replace()
+            raise RewardTimeout(f"no result within {timeout:g}s; worker killed and replaced")
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            reason = self._exit_reason()
+            self._replace()
+            raise RewardCrash(f"worker died ({reason}); replaced") from None
+        if status == "ok":
+            return value
+        if status == "memory":
+            self._replace()  # the worker's heap may be in any state after a failed allocation
+            raise RewardCrash(f"MemoryError: over reward_memory_mb={self.memory_mb}; worker replaced")
+        raise RuntimeError(value)  # the function raised: the worker is fine and stays
+
+    def __call__(self, prompts, completions, **columns):
+        return self.score(prompts, completions, columns, timeout=600.0)
+
+    def _exit_reason(self) -> str:
+        if self._proc is None:
+            return "not running"
+        self._proc.join(1.0)
+        code = self._proc.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5.0)
+            self._conn.close()
+        self._proc = self._conn = None
+        self._ready = False
+
+    def _replace(self) -> None:
+        self._kill()
+        self.replacements += 1
+        self._start()
+
+    def close(self) -> None:
+        self._kill()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self):
+        raise TypeError("an IsolatedReward holds a process; pass its spec instead")
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its trainer (a SIGKILLed trainer leaves a looping worker behind otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _address_space_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reward_worker(conn, spec: str, options: dict, memory_mb: int | None) -> None:
+    """Worker process main: load one reward function, then score batches until the pipe closes."""
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group: the trainer handles it (a checkpoint, then exit,
+    # which ends its workers); a worker must not die of it mid-call.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing reward leaves no core file to write
+    except (ImportError, ValueError, OSError):
+        pass
+    try:
+        ((_, fn),) = _resolve([spec], options)
+    except BaseException as e:  # noqa: BLE001 - reported to the trainer as a load error
+        conn.send(("load_error", str(e) if isinstance(e, ValueError) else _one_line(e)))
+        return
+    if memory_mb:
+        import resource
+
+        # Set after loading, so imports are not counted against it; a limit below what loading took would
+        # fail every call, so say so now.
+        size = _address_space_mb()
+        if size is not None and size >= memory_mb:
+            conn.send(("load_error", f"reward_memory_mb={memory_mb} is below the {size:.0f} MiB its worker "
+                                     "process already takes after loading it"))
+            return
+        limit = int(memory_mb * 2**20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send(("ready", None))
+    while True:
+        try:
+            prompts, completions, columns = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            out = fn(prompts, completions, **_kwargs_for(fn, columns))
+        except MemoryError:
+            conn.send(("memory", None))
+            return
+        except BaseException as e:  # noqa: BLE001 - the function's own failure: reported, the worker stays
+            conn.send(("error", _one_line(e)))
+            continue
+        try:
+            # Converted here, so whatever the function returned never has to cross the pipe as an object.
+            value = [None if v is None else float(v) for v in list(out)]
+        except (TypeError, ValueError) as e:
+            conn.send(("error", f"returned something other than a list of numbers ({_one_line(e)})"))
+            continue
+        conn.send(("ok", value))
 
 
 @dataclass
@@ -360,8 +608,11 @@ def compute_rewards(funcs, prompts, completions, columns: dict, *, weights=None,
     ends; being a daemon it never blocks interpreter exit). A subprocess could be killed, but would have to
     pickle the function and the batch, pay a process start per call and copy any model a reward holds; hung
     rewards are rare, so the cheap thread wins. Functions run one after another, so the worst case is
-    ``len(funcs) * timeout``.
+    ``len(funcs) * timeout``. Functions loaded with ``isolation="process"`` (`IsolatedReward`) are called in
+    their own worker processes instead, which are killed at the timeout and replaced after any crash.
     """
+    import torch
+
     n = len(completions)
     weights = torch.ones(len(funcs)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if weights.numel() != len(funcs):
@@ -371,6 +622,17 @@ def compute_rewards(funcs, prompts, completions, columns: dict, *, weights=None,
     timeouts = {name: 0 for name, _ in funcs}
     for j, (name, fn) in enumerate(funcs):
         box: dict = {}
+        if getattr(fn, "isolated", False):  # its own process enforces the timeout: no thread needed
+            try:
+                box["value"] = fn.score(prompts, completions, columns, timeout)
+            except RewardTimeout as e:
+                timeouts[name] += 1
+                logger.warning("reward %r timed out (%s); its column is NaN for this batch", name, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - a crash or an exception of the function
+                box["error"] = e
+            _store(rewards, j, name, box, n, failures)
+            continue
 
         def target(fn=fn, box=box):
             try:
@@ -387,17 +649,24 @@ def compute_rewards(funcs, prompts, completions, columns: dict, *, weights=None,
             logger.warning("reward %r timed out after %.1fs; its column is NaN for this batch", name,
                            time.monotonic() - start)
             continue
-        error = box.get("error")
-        if error is None:
-            try:
-                values = list(box["value"])
-                if len(values) != n:
-                    raise ValueError(f"returned {len(values)} values for {n} completions")
-                rewards[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
-            except (TypeError, ValueError) as e:  # not a list of numbers / None
-                error = e
-        if error is not None:
-            failures[name] += 1
-            logger.warning("reward %r failed (%s); its column is NaN for this batch", name, _one_line(error))
+        _store(rewards, j, name, box, n, failures)
     total = (rewards * weights[None]).nansum(dim=1)
     return RewardResult(rewards, total, failures, timeouts)
+
+
+def _store(rewards, j: int, name: str, box: dict, n: int, failures: dict) -> None:
+    """Column j from a call's outcome (`box`: "value" or "error"); a failure leaves it NaN and is counted."""
+    import torch
+
+    error = box.get("error")
+    if error is None:
+        try:
+            values = list(box["value"])
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} values for {n} completions")
+            rewards[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        except (TypeError, ValueError) as e:  # not a list of numbers / None
+            error = e
+    if error is not None:
+        failures[name] += 1
+        logger.warning("reward %r failed (%s); its column is NaN for this batch", name, _one_line(error))

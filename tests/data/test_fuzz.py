@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from posttrain.algorithms.dpo import encode_preference
 from posttrain.algorithms.grpo import Config as GRPOConfig
-from posttrain.algorithms.grpo import prompt_examples
+from posttrain.rollout.groups import prompt_examples
 from posttrain.algorithms.kto import encode_examples, unpair
 from posttrain.config import TrainConfig, UserError
 from posttrain.data import encode_dataset
