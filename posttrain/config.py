@@ -438,7 +438,14 @@ def read_yaml(config_file: str) -> tuple[dict, dict[str, str]]:
         raise UserError(f"{config_file}: YAML nested too deeply") from None
     if not isinstance(values, dict):
         raise UserError(f"{config_file}:1: the config must be a mapping of key: value")
-    return values, _yaml_key_lines(config_file, text)
+    return _str_keys(values), _yaml_key_lines(config_file, text)
+
+
+def _str_keys(value):
+    """YAML keys may be numbers or dates (`2020-01-01: x`); as names they are their text."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _str_keys(v) for k, v in value.items()}
+    return value
 
 
 def parse_overrides(overrides: list[str]) -> dict:

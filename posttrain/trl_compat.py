@@ -73,7 +73,11 @@ def _names(value) -> list:
     """A list, or a string of comma-separated names (key=value on the command line)."""
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
-    return list(value or [])
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    return list(value)
 
 
 def _report_to(value):
@@ -476,7 +480,7 @@ def translate(cls, file_values: dict, cli_values: dict, lines: dict, world_size:
 def _convert(fn, value, lab: str):
     try:
         return fn(value)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # a value of the wrong type for the rule (found by tests/test_config_fuzz)
         raise TRLConfigError(f"{lab}: {e}") from None
 
 

@@ -75,8 +75,8 @@ def _is(value, tp) -> bool:
     if dataclasses.is_dataclass(tp):
         return isinstance(value, tp) and all(_is(getattr(value, f.name), typing.get_type_hints(tp)[f.name])
                                              for f in dataclasses.fields(tp))
-    if tp is float:
-        return isinstance(value, float) and math.isfinite(value)
+    if tp is float:  # an int is a float here as in typing (defaults such as warmup_steps: float = 0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
@@ -178,4 +178,4 @@ def test_non_finite_numbers_and_non_string_keys(tmp_path):
     path.write_text("lora:\n  target_modules: [q_proj, {a: 1}]\n")
     assert check(sft.Config, path) == f"{path}:2: lora.target_modules[1]: expected a string, got {{'a': 1}}"
     path.write_text("lora:\n  r: 4\n")
-    assert check(sft.Config, path, ["lora.r.x=3"]) == "lora.r.x: lora.r is a single value, not a block of keys"
+    assert check(sft.Config, path, ["lora.r.x=3"]) == "lora.r: expected an integer, got {'x': 3}"

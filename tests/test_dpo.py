@@ -474,7 +474,7 @@ def test_loss_weights_from_the_command_line_are_numbers(tiny_model_dir, data, tm
     [
         (["loss_type=nope"], "unknown 'nope'; valid: " + ", ".join(sorted(PREFERENCE_LOSSES))),
         (["loss_type=sigmoid,hinge", "loss_weights=[1.0]"], "loss_weights: 1 weights for 2 loss types"),
-        (["loss_type=sigmoid,sft", "loss_weights=a,b"], "loss_weights: expected numbers"),
+        (["loss_type=sigmoid,sft", "loss_weights=a,b"], "loss_weights[0]: expected a number, got 'a'"),
         (["label_smoothing=0.6"], "label_smoothing must be in [0, 0.5)"),
         (["sync_ref_model=true", "lora.r=4"], "sync_ref_model needs a reference copy"),
         (["sync_ref_model=true", "precompute_ref_log_probs=true"], "sync_ref_model needs a reference copy"),

@@ -284,7 +284,7 @@ def tokenize(ds, kind: str) -> None:
         encode_dataset(ds, lambda d: encode_sft_row(TOK, d, max_length=1024, max_prompt_length=None,
                                                      completion_only=True, assistant_only=True))
     elif kind == "preference":
-        encode_dataset(ds, lambda d: encode_preference(TOK, d, 0, 1024, None))
+        encode_dataset(ds, lambda d: encode_preference(TOK, d, 1024, None))
     elif kind == "unpaired":
         encode_examples(TOK, unpair(ds), TrainConfig(max_length=1024))
     else:
