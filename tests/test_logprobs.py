@@ -24,16 +24,30 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("keep_chunks", [0, 2, 100])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_parameter_gradients_match_naive(tokenizer, temperature):
+def test_values_and_parameter_gradients_match_naive(tokenizer, temperature, keep_chunks, monkeypatch):
+    """Every chunk recomputed in backward (0), the first two kept from forward and the rest recomputed (2), and
+    all kept (100): the same values and gradients as the full log-softmax, also from a second backward."""
+    import posttrain.logprobs as lp
+
     model = tiny_model(tokenizer, seed=1)
+    monkeypatch.setattr(lp, "KEEP_BYTES", keep_chunks * 5 * model.config.vocab_size * 4)
     b = batch(tokenizer)
-    assert int(b.loss_mask[:, 1:].sum()) > 5  # chunk_size 5 below: several chunks, the last partial
+    assert int(b.loss_mask[:, 1:].sum()) > 15  # chunk_size 5 below: several chunks, the last partial
     weights = torch.linspace(0.5, 2.0, b.input_ids.numel()).view_as(b.input_ids)  # an arbitrary upstream gradient
 
     out = token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, temperature=temperature, chunk_size=5)
-    (out.logps * weights).sum().backward()
+    calls, real = [], lp._chunk_logits
+    monkeypatch.setattr(lp, "_chunk_logits", lambda *a: calls.append(1) or real(*a))
+    (out.logps * weights).sum().backward(retain_graph=True)
+    chunks = -(-int(b.loss_mask[:, 1:].sum()) // 5)
+    assert len(calls) == max(chunks - keep_chunks, 0)  # backward recomputes exactly the chunks not kept
     g_chunked = grads(model)
+    model.zero_grad()
+    (out.logps * weights).sum().backward()  # kept chunks are not consumed by the first backward
+    for name, g in grads(model).items():
+        assert_close_to_scale(g, g_chunked[name], rtol=1e-6, name=name)
     model.zero_grad()
     ref = naive_token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, temperature=temperature)
     (ref * weights).sum().backward()
@@ -150,3 +164,25 @@ def test_memory_long_completion_large_vocab(tokenizer):
     assert naive > 2048 * 49152 * 4
     assert chunked < 30_000_000
     assert chunked < naive / 4
+
+
+def test_head_stays_float32_under_bf16_autocast():
+    """bf16 autocast (`bf16: true`) runs the decoder in bf16, but the LM head, the log-softmax and their
+    gradients stay float32: the head's values and gradients are the ones computed without autocast."""
+    torch.manual_seed(0)
+    h = torch.randn(7, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+
+    def run(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp, _ = _HeadLogProb.apply(h, w, None, targets, 1.0, 3, ())
+        assert logp.dtype == torch.float32
+        gh, gw = torch.autograd.grad(logp.sum(), (h, w))
+        return logp, gh, gw
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast would have given: visibly different
+        bf16 = torch.log_softmax(torch.nn.functional.linear(h, w), -1).float().gather(1, targets[:, None]).squeeze(1)
+    assert (bf16 - run(False)[0]).abs().max() > 1e-3
