@@ -74,14 +74,34 @@ def sample(probs: torch.Tensor, generator: torch.Generator | list[torch.Generato
     a binary search cost a fraction of that. Zero-weight entries are never drawn.
     `generator`: one for every row, or a list of k generators that own k equal contiguous blocks of rows (a
     prompt's G samples then depend only on that prompt's generator)."""
-    cdf = probs.float().cumsum(-1)
     B = probs.shape[0]
     if isinstance(generator, (list, tuple)):
         size = B // len(generator)
         u = torch.cat([torch.rand((size, 1), generator=g, device=probs.device) for g in generator])
     else:
         u = torch.rand((B, 1), generator=generator, device=probs.device)
+    return inverse_cdf(probs, u)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index whose CDF interval holds u [B, 1] (uniform in [0, 1)) in each row of the weights `probs` [B, V]."""
+    cdf = probs.float().cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+# Drop ended rows from the decode batch once the running ones are at most this share of it (each compaction
+# copies the KV cache of the rows kept, so not after every single row that ends).
+COMPACT = 0.75
+
+
+def _select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only the batch rows `keep` of a transformers cache, in place."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(hasattr(lay, "select_rows") for lay in layers):
+        for lay in layers:
+            lay.select_rows(keep)
+    else:
+        cache.batch_select_indices(keep)
 
 
 _PREALLOCATED = None
@@ -122,6 +142,10 @@ def _preallocated_layer_class():
                 self._v[..., self.n : m, :] = value_states
                 self.keys, self.values, self.n = self._k[..., :m, :], self._v[..., :m, :], m
                 return self.keys, self.values
+
+            def select_rows(self, keep):
+                self._k, self._v = self._k[keep], self._v[keep]
+                self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
 
         _PREALLOCATED = PreallocatedLayer
     return _PREALLOCATED or None
@@ -308,25 +332,38 @@ class HFEngine:
         pad = torch.full((B,), self.pad_id, dtype=torch.long, device=device)
         filtered = temperature > 0 and (top_p < 1.0 or bool(top_k and top_k < logits.size(-1)))
         steps = max_new_tokens
+        rows = torch.arange(B, device=device)  # the rows still decoded (ids into the full batch), ascending
+        running = B
         for t in range(max_new_tokens):
             scaled = logits / temperature if temperature > 0 else logits
             logp_all = scaled.log_softmax(-1)
             if temperature > 0:
                 probs = filter_logits(scaled, top_p, top_k).softmax(-1) if filtered else logp_all.exp()
-                nxt = sample(probs, generators)
+                if generators is None:
+                    u = torch.rand((rows.numel(), 1), device=device)
+                else:  # every group draws for all its G rows, ended or not: its samples never depend on others
+                    u = torch.cat([torch.rand((G, 1), generator=g, device=device) for g in generators])[rows]
+                nxt = inverse_cdf(probs, u)
             else:
                 nxt = logits.argmax(-1)
-            nxt = torch.where(finished, pad, nxt)
-            ids[:, t] = nxt
-            token_logps[:, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill_(finished, 0.0)
-            just_ended = ~finished & torch.isin(nxt, eos)
-            lengths.masked_fill_(just_ended, t + 1)
-            finished |= just_ended
-            if t == max_new_tokens - 1 or bool(finished.all()):  # the one host sync per token: the early exit
+            done = finished[rows]
+            nxt = torch.where(done, pad[: rows.numel()], nxt)
+            ids[rows, t] = nxt
+            token_logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill_(done, 0.0)
+            just_ended = ~done & torch.isin(nxt, eos)
+            lengths[rows] = torch.where(just_ended, t + 1, lengths[rows])
+            finished[rows] |= just_ended
+            left = int(B - finished.sum())  # the one host sync per token: the early exit and the compaction below
+            if t == max_new_tokens - 1 or left == 0:
                 steps = t + 1
                 break
-            out = self.model(input_ids=nxt[:, None], attention_mask=attn[:, : L + t + 1], position_ids=positions[:, t : t + 1],
-                             use_cache=True, **{self._cache_kw: cache})
+            if left <= running * COMPACT:
+                # Rows that have ended stop costing compute: keep only the running ones in the batch.
+                keep = (~finished[rows]).nonzero().squeeze(1)
+                rows, nxt, running = rows[keep], nxt[keep], left
+                _select_rows(cache, keep)
+            out = self.model(input_ids=nxt[:, None], attention_mask=attn[rows, : L + t + 1],
+                             position_ids=positions[rows, t : t + 1], use_cache=True, **{self._cache_kw: cache})
             cache, logits = out[self._cache_kw], out.logits[:, -1].float()
         ids, token_logps = ids[:, :steps], token_logps[:, :steps]
         mask = (torch.arange(steps, device=device)[None] < lengths[:, None]).long()

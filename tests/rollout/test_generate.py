@@ -267,3 +267,36 @@ def test_preallocated_cache_layers_write_in_place():
         if step < 2:
             assert layer._k.data_ptr() == buffer
     assert not preallocate(object(), 7)  # not a transformers cache: left alone
+
+
+def test_ended_rows_leave_the_decode_batch_without_changing_any_sample(model, tokenizer, monkeypatch):
+    """With many tokens counted as EOS, rows end at different steps and the decode batch shrinks (the ended rows'
+    KV cache dropped); every row's tokens and log-probs are those of the run that keeps all rows to the end."""
+    from posttrain.rollout import generate as gen
+
+    prompts = _chat_prompt_ids(tokenizer)
+    calls = []
+    real = gen._select_rows
+    monkeypatch.setattr(gen, "_select_rows", lambda cache, keep: calls.append(keep.numel()) or real(cache, keep))
+
+    def run(compact):
+        monkeypatch.setattr(gen, "COMPACT", compact)
+        engine = HFEngine(model, tokenizer)
+        engine.eos_ids = list(range(0, len(tokenizer), 7))  # ~1 token in 7 ends a row
+        return engine.generate(prompts, 4, max_new_tokens=12, temperature=1.0, seeds=[3, 4, 5])
+
+    shrunk = run(0.75)
+    assert calls and calls == sorted(calls, reverse=True) and calls[-1] < 12  # compacted, more than once maybe
+    n = len(calls)
+    kept = run(0.0)
+    assert len(calls) == n  # never compacts
+    lengths = shrunk.completion_lengths
+    assert len(set(lengths.tolist())) > 2 and not shrunk.truncated.all()
+    assert torch.equal(shrunk.completion_ids, kept.completion_ids)
+    assert torch.equal(shrunk.completion_mask, kept.completion_mask)
+    torch.testing.assert_close(shrunk.logps, kept.logps, atol=1e-5, rtol=0)
+    assert torch.equal(shrunk.truncated, kept.truncated)
+    for row in range(12):  # the recorded log-probs are the model's own, token by token
+        k = int(lengths[row])
+        ref = _teacher_forced_logps(model, prompts[row // 4], shrunk.completion_ids[row, :k].tolist(), 1.0)
+        assert torch.allclose(shrunk.logps[row, :k].double(), ref, atol=1e-4)
