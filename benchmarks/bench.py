@@ -830,10 +830,10 @@ def bench_generate(runner: Runner, args, results: dict) -> None:
         rate[name] = tok / s
         table.append([label, f"{tok:.0f}", f"{s:.2f}", f"{tok / s:.0f}", str(n)])
     table.append(["**posttrain / model.generate**", "", "", ratio(rate["posttrain"], rate["generate"]), ""])
-    notes = [f"{prompts} arithmetic prompts through the chat template ({min(r['prompt_lengths'])}-"
-             f"{max(r['prompt_lengths'])} tokens), G={G} samples each, up to {max_new} new tokens, temperature 1, "
-             "top_p 1, top_k 0 (model.generate: do_sample, num_return_sequences=G); tokens = generated tokens up to "
-             "and including each row's EOS; both in one process, alternated, medians after 1 warm-up round"]
+    notes = [(f"{prompts} arithmetic prompts through the chat template ({min(r['prompt_lengths'])}-"
+              f"{max(r['prompt_lengths'])} tokens), G={G} samples each, up to {max_new} new tokens, temperature 1, "
+              "top_p 1, top_k 0 (model.generate: do_sample, num_return_sequences=G); tokens = generated tokens up to "
+              "and including each row's EOS; both in one process, alternated, medians after 1 warm-up round")]
     print_table("Generation: posttrain's sampler vs transformers' model.generate", ["sampler", "tokens", "s (median)",
                 "tokens/s", "rounds timed"], table, notes)
 
@@ -890,11 +890,12 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
         table.append(row)
     header = ["max_length", "posttrain tokens/step", "posttrain tokens/s", "posttrain peak RSS", "posttrain top components",
               "TRL tokens/step", "TRL tokens/s", "TRL peak RSS", "TRL top components", "tokens/s ratio", "RSS ratio"]
-    notes = [f"DPO full fine-tuning with a reference copy, float32, 2 pairs per step, {steps} steps (median after "
-             f"{warmup}); pairs from benchmarks/synthetic.py scaled to each max_length (prompt 10-20% of it, each "
-             "completion 45-75%, seed 0)",
-             "top components: share of the profiled step's op time (one extra step after the timed ones, torch.profiler "
-             "self CPU time of aten ops; TRL: forward + backward only, posttrain: the whole step incl. the optimizer)"]
+    notes = [(f"DPO full fine-tuning with a reference copy, float32, 2 pairs per step, {steps} steps (median after "
+              f"{warmup}); pairs from benchmarks/synthetic.py scaled to each max_length (prompt 10-20% of it, each "
+              "completion 45-75%, seed 0)"),
+             ("top components: share of the profiled step's op time (one extra step after the timed ones, "
+              "torch.profiler self CPU time of aten ops; TRL: forward + backward only, posttrain: the whole step incl. "
+              "the optimizer)")]
     notes += [growth_note(side, xs[side], rss[side], "tokens/step") for side in sides]
     print_table("Scaling: DPO tokens/s and peak RSS against max_length", header, table, notes)
 
@@ -928,9 +929,9 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
         table.append(row)
     header = ["G", "posttrain s/step", "posttrain rollout s", "posttrain peak RSS", "posttrain top components",
               "TRL s/step", "TRL rollout s", "TRL peak RSS", "TRL top components", "s/step ratio", "RSS ratio"]
-    notes = [f"GRPO as in the GRPO table ({prompts} prompts, {max_new} new tokens, temperature 1, beta 0, {micro} "
-             f"completions per micro-batch) at each G; {steps} steps (median after {warmup}); top components as above, "
-             "over the rollout and the training of the profiled step"]
+    notes = [(f"GRPO as in the GRPO table ({prompts} prompts, {max_new} new tokens, temperature 1, beta 0, {micro} "
+              f"completions per micro-batch) at each G; {steps} steps (median after {warmup}); top components as "
+              "above, over the rollout and the training of the profiled step")]
     notes += [growth_note(side, xs[side], rss[side], "completions") for side in sides]
     print_table("Scaling: GRPO step time and peak RSS against G", header, table, notes)
 

@@ -152,7 +152,7 @@ class TokenLogps:
 
 
 @routed  # under DDP/FSDP: through the wrapper's forward (posttrain.parallel)
-def hidden_states(model, input_ids, attention_mask, position_ids=None, units: "UnitLayout | None" = None):
+def hidden_states(model, input_ids, attention_mask, position_ids=None, units: UnitLayout | None = None):
     """Final-layer hidden states [B, T, H] (after the last norm) from the model's decoder. `units`: the layout of
     a packed row for `unit_attention` (the model must use it: `use_unit_attention`)."""
     base = unwrap(model)
