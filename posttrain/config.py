@@ -266,6 +266,11 @@ class SFTConfig(TrainConfig):
     truncation_mode: str = opt("keep_start", "Sequences over max_length keep their first tokens (keep_start) or their "
                                "last (keep_end).", ("keep_start", "keep_end"))
     assistant_only_loss: bool = opt(True, "Conversations: loss on assistant turns only.")
+    prompt_suffix: str | None = opt(None, "Prompt-completion data: text appended to every prompt (as `posttrain grpo` "
+                                    "and `posttrain eval` append it, so a warm-up trains on the prompts RL will see).")
+    chat_prompts: bool = opt(False, "Prompt-completion data with text fields: send the prompt as a user turn and the "
+                             "completion as the assistant's reply through the chat template (as `posttrain grpo` "
+                             "and `posttrain eval` send prompts); off: the texts are concatenated as they are (TRL).")
     command = "sft"
 
 

@@ -85,8 +85,13 @@ def evaluate_prompts(model, tok, examples, funcs, *, max_new_tokens: int, batch_
     rewards = torch.cat(all_rewards)  # [P*k, R]
     metrics = {}
     for j, (name, _) in enumerate(funcs):
-        col = rewards[:, j]
-        metrics[name] = float(torch.nan_to_num(col, nan=0.0).mean())
+        col = torch.nan_to_num(rewards[:, j], nan=0.0)
+        metrics[name] = float(col.mean())
+        # The standard error of that mean over prompts (each prompt's k samples averaged first: they are not
+        # independent draws from the test distribution): the sample std (n - 1) / sqrt(n).
+        per_prompt = col.view(-1, k).mean(-1)
+        n = per_prompt.numel()
+        metrics[f"{name}/stderr"] = float(per_prompt.std() / math.sqrt(n)) if n > 1 else float("nan")
     if k > 1:
         first = torch.nan_to_num(rewards[:, 0], nan=0.0).view(-1, k)
         metrics[f"{funcs[0][0]}/pass@{k}"] = float((first > 0).any(-1).float().mean())

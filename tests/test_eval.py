@@ -12,6 +12,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import SHARED_DATA, needs_shared_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +86,8 @@ def test_greedy_accuracy_equals_hand_count(tmp_path, tiny_model_dir, data, verif
 
     summary = json.loads((out_dir / "eval.json").read_text())
     assert summary[f"{verifiers}:contains"] == pytest.approx(4 / 6, abs=1e-4)
+    # sample std of (1, 1, 0, 1, 0, 1): sqrt((4 (1/3)^2 + 2 (2/3)^2) / 5) = sqrt(4/15); / sqrt(6)
+    assert summary[f"{verifiers}:contains/stderr"] == pytest.approx((4 / 15) ** 0.5 / 6**0.5, abs=1e-4)
     assert summary["prompts"] == 6 and summary["num_samples"] == 1
     assert not any("pass@" in k for k in summary)
     # printed: a table titled "posttrain eval" with the metric, then the same summary as one JSON line
@@ -110,6 +113,9 @@ def test_pass_at_k_from_samples(tmp_path, tiny_model_dir, data, verifiers, capsy
     mean = sum(scores) / 18
     assert summary[f"{verifiers}:has_e"] == pytest.approx(mean, abs=1e-4)
     assert summary[f"{verifiers}:has_e/pass@3"] == pytest.approx(sum(per_prompt) / 6, abs=1e-4)
+    # the standard error is over the 6 prompts' own means of 3 samples, not over 18 draws
+    prompt_means = torch.tensor([sum(scores[3 * i : 3 * i + 3]) / 3 for i in range(6)])
+    assert summary[f"{verifiers}:has_e/stderr"] == pytest.approx(float(prompt_means.std() / 6**0.5), abs=1e-4)
     assert 0 < mean < summary[f"{verifiers}:has_e/pass@3"]  # some prompts mix successes and failures
     assert len({r["completion"] for r in rows}) == 18  # sampled, not greedy
     # the same seed samples the same completions
@@ -131,7 +137,8 @@ def test_evaluate_prompts_counts_unscored_rows_as_failures(tokenizer, model):
     report = evaluate_prompts(model, tokenizer, exs, [("half", half), ("boom", boom)], max_new_tokens=3,
                               batch_size=4)
     # two batches (4 + 2 prompts), each scoring rows 0, 2 (, ...) of the batch: 2 + 1 = 3 of 6
-    assert report["metrics"] == {"half": 0.5, "boom": 0.0}
+    assert report["metrics"] == {"half": 0.5, "boom": 0.0, "half/stderr": pytest.approx((0.3) ** 0.5 / 6**0.5),
+                                 "boom/stderr": 0.0}
     assert [r["rewards"]["half"] for r in report["rows"]] == [1.0, None, 1.0, None, 1.0, None]
     assert all(r["rewards"]["boom"] is None for r in report["rows"])
 

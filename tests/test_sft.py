@@ -126,3 +126,28 @@ def test_sft_on_gsm8k_rows(tmp_path, tiny_model_dir):
     losses = [r["loss"] for r in metrics(tmp_path)]
     assert result.steps == 6 and len(losses) == 6
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3
+
+
+def test_chat_prompts_and_suffix_train_on_the_prompts_grpo_sees(tokenizer):
+    """With prompt_suffix and chat_prompts, an SFT row's prompt tokens are exactly the ids GRPO and eval generate
+    from for the same row (user turn + suffix + generation prompt), followed by the reply and the template's
+    end of turn; without them the texts are concatenated as TRL does."""
+    from posttrain.algorithms.grpo import Config as GRPOConfig
+    from posttrain.algorithms.sft import as_prompted
+    from posttrain.data.formats import Dataset, Row
+    from posttrain.rollout.groups import prompt_examples
+
+    row = {"prompt": "What is 47 + 38?", "completion": "47 + 38 = 85"}
+    suffix = " Reply with only the final number."
+    cfg = Config(prompt_suffix=suffix, chat_prompts=True)
+    enc = encode_sft_row(tokenizer, as_prompted(row, cfg, True), max_length=512, max_prompt_length=None,
+                         completion_only=True, assistant_only=True)
+    grpo_ids = prompt_examples(Dataset([Row(row, "x:1")], "x", "prompt-completion"), tokenizer,
+                               GRPOConfig(prompt_suffix=suffix))[0].prompt_ids
+    n = len(grpo_ids)
+    assert enc.input_ids[:n] == grpo_ids and sum(enc.mask[:n]) == 0
+    reply = tokenizer.decode(enc.input_ids[n:])
+    assert reply.startswith("47 + 38 = 85<|im_end|>") and all(enc.mask[n : n + 3])
+    plain = as_prompted(row, Config(), True)
+    assert plain == row
+    assert as_prompted(row, Config(prompt_suffix="!"), True) == {"prompt": "What is 47 + 38?!", "completion": row["completion"]}

@@ -46,8 +46,9 @@ from posttrain.losses.advantages import (
 )
 from posttrain.losses.policy import LOSS_TYPES, group_stats, loss_denominator, policy_loss
 from posttrain.models import prepare_model
-from posttrain.parallel import gather_rows, is_main
+from posttrain.parallel import gather_rows, is_main, rank_world
 from posttrain.reference import Reference, build
+from posttrain.rollout.curriculum import PassRateCurriculum, difficulty_column, group_pass_rates
 from posttrain.rollout.generate import HFEngine, pad_cat
 from posttrain.rollout.groups import (
     PromptExample,
@@ -135,6 +136,15 @@ class OnlineConfig(TrainConfig):
     importance_sampling_level: str = opt("token", "token ratio (GRPO) or sequence ratio (GSPO).", ("token", "sequence"))
     dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
     max_sampling_rounds: int = opt(3, "Dynamic sampling: generation rounds per step at most.")
+    curriculum: str = opt("none", "Which prompts a step samples: none (the data order) or pass_rate (prompts whose recent "
+                          "group pass rate is inside curriculum_band, by difficulty when the data has a difficulty "
+                          "column; see posttrain.rollout.curriculum).", ("none", "pass_rate"))
+    curriculum_column: str = opt("auto", "pass_rate: the difficulty column; auto takes the first of difficulty, level, "
+                                 "type present in every row; none: pass rates alone.")
+    curriculum_band: list = opt([0.0, 1.0], "pass_rate: a prompt is drawn while its estimated pass rate (share of its "
+                                "group right under the main reward) is strictly inside [low, high].")
+    curriculum_explore: float = opt(0.1, "pass_rate: share of each draw taken uniformly from all prompts.")
+    curriculum_window: int = opt(8, "pass_rate: groups per difficulty that its recent pass rate averages.")
     mask_truncated_completions: bool = opt(False, "Exclude completions that hit max_completion_length from the loss.")
     log_completions: bool = opt(False, "Append every sampled completion with its rewards to completions.jsonl.")
     num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
@@ -190,6 +200,11 @@ class OnlineConfig(TrainConfig):
         if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
             raise UserError("loss_type=cispo: epsilon_high caps the importance ratio itself and must be >= 1 "
                             f"(ScaleRL recommends 5.0); got {self.epsilon_high}")
+        band = self.curriculum_band
+        if len(band) != 2 or not all(isinstance(b, (int, float)) for b in band) or not 0 <= band[0] < band[1] <= 1:
+            raise UserError(f"curriculum_band must be [low, high] with 0 <= low < high <= 1, got {band}")
+        if not 0 <= self.curriculum_explore <= 1 or self.curriculum_window < 1:
+            raise UserError("curriculum_explore must be in [0, 1] and curriculum_window >= 1")
         if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
             raise UserError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if self.multi_objective_aggregation == "normalize_then_sum":
@@ -302,6 +317,11 @@ class OnlineRL(Algorithm):
         self.weights = cfg.reward_weights
         self.kl_coef = cfg.kl_coef  # moves with the adaptive controller (kl_target); part of the run's state
         self._round = 0  # generation rounds so far: part of every prompt's sampling seed
+        self._steps = 0  # batches prepared: seeds the curriculum's draw, the same on every rank
+        self.curriculum = make_curriculum(cfg, prompts) if cfg.curriculum == "pass_rate" else None
+        # The reward whose group mean is the curriculum's pass rate: the main one (highest weight, first on ties).
+        w = self.weights or [1.0] * len(reward_funcs)
+        self._pass_column = max(range(len(w)), key=lambda j: (w[j], -j)) if w else 0
 
     # --- the steps of one prepared batch ---------------------------------------------------------------
     def rollout(self, model, prompts: list[PromptExample]) -> ScoredRollout:
@@ -335,8 +355,13 @@ class OnlineRL(Algorithm):
         kept = [filter_groups(rounds[0], self.weights, per_reward)]
         while sum(len(k) for k in kept) < len(examples) and len(rounds) < cfg.max_sampling_rounds:
             # Without replacement: a prompt drawn twice would get the same seed and so the same completions.
-            g = torch.Generator().manual_seed(prompt_seed(cfg.seed, self._round, rounds[-1].prompts[0].index))
-            pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
+            seed = prompt_seed(cfg.seed, self._round, rounds[-1].prompts[0].index)
+            if self.curriculum is not None:  # more prompts from the curriculum, none of this step's again
+                taken = [e.index for r in rounds for e in r.prompts]
+                pool = [self.prompts[i] for i in self.curriculum.draw(len(examples), seed, exclude=taken)]
+            else:
+                g = torch.Generator().manual_seed(seed)
+                pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
             rounds.append(self.rollout(model, pool))
             kept.append(filter_groups(rounds[-1], self.weights, per_reward))
         groups = ScoredRollout.cat(kept, self.tok.pad_token_id)
@@ -427,10 +452,31 @@ class OnlineRL(Algorithm):
             self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, len(everyone))
         return m
 
+    def choose(self, examples: list[PromptExample]) -> list[PromptExample]:
+        """This rank's prompts of the step: the data order's, or the curriculum's draw. The curriculum draws the
+        whole global batch with a seed every rank shares and each rank takes its share, so ranks never
+        disagree on what was drawn."""
+        if self.curriculum is None:
+            return examples
+        rank, world = rank_world()
+        drawn = self.curriculum.draw(len(examples) * world, prompt_seed(self.cfg.seed, self._steps, len(self.prompts)))
+        return [self.prompts[i] for i in drawn[rank::world]]
+
+    def update_curriculum(self, rounds: list[ScoredRollout]) -> dict:
+        """Record the pass rate of every group sampled this step (all rounds, all ranks: each rank gathers the
+        others' so the curriculum stays the same everywhere), and return its metrics."""
+        G = self.cfg.num_generations
+        local = [(e.index, rate) for r in rounds
+                 for e, rate in zip(r.prompts, group_pass_rates(r.rewards, G, self._pass_column))]
+        rows, _ = gather_rows(torch.tensor(local, dtype=torch.float64).view(-1, 2))
+        self.curriculum.update([int(i) for i in rows[:, 0].tolist()], rows[:, 1].tolist())
+        return {f"curriculum/{k}": Global(v) for k, v in self.curriculum.stats().items()}
+
     def prepare(self, model, examples: list[PromptExample]) -> Prepared:
         cfg = self.cfg
         t0 = time.time()
-        scored, rounds = self.collect(model, examples)
+        scored, rounds = self.collect(model, self.choose(examples))
+        self._steps += 1
         generation_seconds = time.time() - t0
         mask = scored.completion_mask
         if cfg.mask_truncated_completions:
@@ -450,6 +496,8 @@ class OnlineRL(Algorithm):
                 mb.ref_logps = None
         metrics = self.rollout_metrics(scored, rounds, all_rewards)
         metrics.update(self.kl_metrics(kl_sums))
+        if self.curriculum is not None:
+            metrics.update(self.update_curriculum(rounds))
         metrics["generation_seconds"] = Max(generation_seconds)
         per_completion = _per_completion(advantages, mask)
         if cfg.log_completions and is_main():
@@ -519,11 +567,20 @@ class OnlineRL(Algorithm):
     # The sampling seeds count generation rounds: a resumed run must go on from the same round; the adaptive
     # KL coefficient goes on from where it was.
     def state_dict(self) -> dict:
-        return {"round": self._round, "kl_coef": self.kl_coef, **self.reference.state_dict()}
+        state = {"round": self._round, "steps": self._steps, "kl_coef": self.kl_coef, **self.reference.state_dict()}
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._round = int(state.get("round", 0))
+        self._steps = int(state.get("steps", 0))
         self.kl_coef = float(state.get("kl_coef", self.cfg.kl_coef))
+        if self.curriculum is not None and "curriculum" in state:
+            try:
+                self.curriculum.load_state_dict(state["curriculum"])
+            except ValueError as e:
+                raise UserError(f"resume_from_checkpoint: {e}") from None
         self.reference.load_state_dict(state)
 
     def evaluate(self, model, examples: list) -> dict:
@@ -538,6 +595,23 @@ def _per_completion(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
         return advantages
     m = mask[:, : advantages.shape[1]].to(advantages.dtype)
     return (advantages * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def make_curriculum(cfg: OnlineConfig, prompts: list[PromptExample]) -> PassRateCurriculum:
+    """The pass-rate curriculum over these prompts, bucketed by the difficulty column when there is one."""
+    try:
+        column = difficulty_column([p.columns for p in prompts], cfg.curriculum_column)
+        curriculum = PassRateCurriculum([p.columns.get(column) if column else None for p in prompts],
+                                        cfg.num_generations, band=cfg.curriculum_band,
+                                        explore=cfg.curriculum_explore, window=cfg.curriculum_window)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(prompts) < cfg.batch_size:
+        raise UserError(f"curriculum: {len(prompts)} prompts for a batch of {cfg.batch_size}; it draws distinct prompts")
+    if is_main():
+        what = f"difficulty column {column!r} ({len(curriculum.keys)} values)" if column else "pass rates alone"
+        log.info(f"curriculum pass_rate: {what}, band {cfg.curriculum_band}, explore {cfg.curriculum_explore}")
+    return curriculum
 
 
 def default_reward_funcs(cfg: OnlineConfig, builtin: bool, has_answer: bool) -> list[str]:

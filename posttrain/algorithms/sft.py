@@ -62,6 +62,23 @@ class SFT(Algorithm):
         return {"loss": nll / max(count, 1.0)}
 
 
+def as_prompted(data: dict, cfg: SFTConfig, has_template: bool) -> dict:
+    """A prompt-completion row as the online commands prompt: `prompt_suffix` appended to the prompt, and with
+    `chat_prompts` (and a chat template) text fields turned into a user turn and the assistant's reply."""
+    if "prompt" not in data or "completion" not in data:
+        return data
+    prompt, completion = data["prompt"], data["completion"]
+    if cfg.prompt_suffix:
+        if isinstance(prompt, str):
+            prompt = prompt + cfg.prompt_suffix
+        else:
+            prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + cfg.prompt_suffix}]
+    if cfg.chat_prompts and has_template and isinstance(prompt, str) and isinstance(completion, str):
+        prompt = [{"role": "user", "content": prompt}]
+        completion = [{"role": "assistant", "content": completion}]
+    return {**data, "prompt": prompt, "completion": completion}
+
+
 def run(cfg: Config):
     train, evald = load_train_eval(cfg, "sft", DEFAULT_DATASET)
     tok, model = prepare_model(cfg)
@@ -69,7 +86,7 @@ def run(cfg: Config):
     def encode(data):
         return encode_sft_row(
             tok,
-            data,
+            as_prompted(data, cfg, bool(tok.chat_template)),
             max_length=cfg.max_length,
             max_prompt_length=cfg.max_prompt_length,
             completion_only=cfg.completion_only_loss,
