@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from posttrain.config import UserError, describe, load_config
+from posttrain.config import StorageError, TrainConfig, UserError, describe, load_config
 
 # command -> (module defining `Config` and `run(config)`, one-line description). Modules are imported
 # only for the command asked for.
@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
         joined = parallel.init()  # under torchrun / srun: join the other processes (posttrain.parallel)
         try:
+            if isinstance(cfg, TrainConfig):  # training: the run folder is settled before any model loads
+                from posttrain.rundir import prepare_output_dir
+
+                prepare_output_dir(cfg)
             result = module.run(cfg)
         finally:
             if joined:
@@ -200,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         # One line, always: messages quoting library errors can carry newlines.
         print("posttrain: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
+    except StorageError as e:  # the run could not write its files: not the user's input, so not exit 2
+        print("posttrain: error: " + str(e), file=sys.stderr)
+        return 1
 
 
 def _run_tool(command: str, argv: list[str]) -> int:

@@ -23,6 +23,14 @@ import yaml
 log = logging.getLogger("posttrain")
 
 
+class StorageError(Exception):
+    """The run directory cannot be written (disk full, quota, read-only): one line, exit 1, and the message
+    names the last checkpoint that is intact."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
 class UserError(Exception):
     """A mistake in the user's input (config, data, paths). The CLI prints it as one line and exits 2.
 
@@ -155,7 +163,12 @@ class TrainConfig:
     max_samples: int | None = opt(None, "Use only the first N rows of the training data.")
     eval_max_samples: int | None = opt(None, "Use only the first N rows of the evaluation data.")
     # Optimisation
-    output_dir: str | None = opt(None, "Run directory (config, metrics, checkpoints, final model). Default: runs/<command>.")
+    output_dir: str | None = opt(None, "Run directory (config, metrics, checkpoints, final model). Default: runs/<command>, "
+                                 "or the first free runs/<command>-2, -3, ... when that holds a run (the run prints "
+                                 "where it went). A folder that already holds a run is refused unless resuming or "
+                                 "overwrite_output_dir.")
+    overwrite_output_dir: bool = opt(False, "Start afresh in an output_dir that holds another run: its logs, checkpoints "
+                                     "and model are deleted first (other files stay). Not needed to resume.")
     max_steps: int = opt(-1, "Optimizer steps to run; -1 means derive from num_epochs.")
     num_epochs: float = opt(1.0, "Passes over the training data (used when max_steps is -1).")
     batch_size: int = opt(8, "GLOBAL batch: examples per optimizer step, over all devices and accumulation steps.")

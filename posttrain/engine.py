@@ -34,6 +34,7 @@ from posttrain.config import UserError
 from posttrain.models import is_peft, unwrap
 from posttrain.parallel import is_main, rank_world
 from posttrain.reference import Reference
+from posttrain.rundir import prepare_output_dir, storage_error
 from posttrain.runlog import RunLog
 
 log = logging.getLogger("posttrain")
@@ -146,12 +147,15 @@ class Prepared(list):
     the `metrics` that preparing them measured (a rollout's rewards, the generation time), declared like the
     loss's metrics and reduced with them at every optimizer step taken on these micro-batches, and `samples`:
     a few of the completions an online method sampled ({prompt, completion, rewards, ...}), which the engine
-    keeps in samples.jsonl for the run report."""
+    keeps in samples.jsonl for the run report, and `completions`: all of them when `log_completions` is on
+    (completions.jsonl). The engine writes both with the step, so a resumed run logs each step once."""
 
-    def __init__(self, micro_batches=(), metrics: dict | None = None, samples: list[dict] | None = None):
+    def __init__(self, micro_batches=(), metrics: dict | None = None, samples: list[dict] | None = None,
+                 completions: list[dict] | None = None):
         super().__init__(micro_batches)
         self.metrics = dict(metrics or {})
         self.samples = list(samples or [])
+        self.completions = list(completions or [])  # every sampled completion, for completions.jsonl
 
 
 class Algorithm(abc.ABC):
@@ -301,7 +305,7 @@ class Engine:
     def __init__(self, cfg, model, tokenizer, algorithm: Algorithm, train_examples: list, eval_examples: list | None = None):
         self.cfg, self.model, self.tokenizer, self.algo = cfg, model, tokenizer, algorithm
         self.train_examples, self.eval_examples = train_examples, eval_examples or []
-        self.out = Path(cfg.resolved_output_dir())
+        self.out = prepare_output_dir(cfg)  # refuses a folder holding another run (unless resuming / overwriting)
         self.rank, self.world_size = rank_world()
         if cfg.batch_size % self.world_size:
             raise UserError(f"batch_size {cfg.batch_size} is not divisible by the number of processes {self.world_size}")
@@ -341,10 +345,20 @@ class Engine:
     def save_checkpoint(self, step: int) -> Path | None:
         """Every rank calls this (several processes: FSDP shards are written collectively, RNG states per
         rank); rank 0 writes the rest and renames the folder into place once all are done."""
+        tmp = self.out / f".checkpoint-{step}.tmp"
+        try:
+            return self._write_checkpoint(step, tmp)
+        except BaseException:
+            # A full disk or a kill mid-write: the partial folder never becomes a checkpoint (it is renamed into
+            # place only when complete), and removing it gives the space back; earlier checkpoints are untouched.
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_checkpoint(self, step: int, tmp: Path) -> Path | None:
         from safetensors.torch import save_file
 
         final = self.out / f"checkpoint-{step}"
-        tmp = self.out / f".checkpoint-{step}.tmp"
         if is_main():
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -465,8 +479,18 @@ class Engine:
                 model = model.merge_and_unload()
             elif not is_peft(model):
                 model = unwrap(model)
-            model.save_pretrained(self.out)
-            self.tokenizer.save_pretrained(self.out)
+            # Written beside the run, then moved in with the weights last: a run stopped while saving (a full
+            # disk, a kill) leaves no half-written model that looks like a finished one.
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                names = sorted(os.listdir(tmp), key=lambda n: n.endswith((".safetensors", ".bin")))
+                for name in names:
+                    os.replace(tmp / name, self.out / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         parallel.barrier()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -518,6 +542,15 @@ class Engine:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except OSError as e:  # disk full, quota, read-only: one line naming the intact checkpoint (cli: exit 1)
+            err = storage_error(e, self.out)
+            if err is None:
+                raise
+            raise err from None
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -550,6 +583,7 @@ class Engine:
                         micro_batches = self.algo.prepare(self.model, examples)
                     if isinstance(micro_batches, Prepared):
                         self.runlog.samples(step + 1, micro_batches.samples)
+                        self.runlog.samples(step + 1, micro_batches.completions, "completions.jsonl")
                 self._batch = micro_batches
                 for _ in range(spb - step % spb):
                     if step >= self.total_steps:

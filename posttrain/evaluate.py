@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import UserError, opt
+from posttrain.config import StorageError, UserError, opt
 from posttrain.data import load_dataset
 from posttrain.rollout.generate import HFEngine
 from posttrain.rollout.groups import prompt_examples, prompt_seed, sample, score
@@ -48,7 +48,9 @@ class Config:
     temperature: float = opt(1.0, "Sampling temperature when num_samples > 1.")
     batch_size: int = opt(16, "Prompts generated together.")
     seed: int = opt(0, "Sampling seed.")
-    output_dir: str | None = opt(None, "Write eval.json and completions.jsonl here.")
+    output_dir: str | None = opt(None, "Write eval.json and completions.jsonl here; into its eval/ (eval-2/, ...) "
+                                 "subfolder when it holds a training run, so none of the run's files is replaced.")
+    overwrite_output_dir: bool = opt(False, "Replace the eval.json and completions.jsonl of an earlier eval in output_dir.")
     command = "eval"
 
     def validate(self) -> None:
@@ -106,6 +108,10 @@ def _num(x: torch.Tensor):
 def run(cfg: Config) -> int:
     from posttrain.models import load_model, load_tokenizer
 
+    from posttrain.rundir import eval_output_dir
+
+    # Settled before anything loads: a folder holding a training run gets its results in a subfolder.
+    out = eval_output_dir(Path(cfg.output_dir), cfg.overwrite_output_dir) if cfg.output_dir else None
     ds = load_dataset(cfg.dataset, "prompt", split=cfg.dataset_split, skip_invalid=cfg.skip_invalid, max_samples=cfg.max_samples)
     builtin = cfg.dataset.split(":")[0] == "arithmetic"
     try:
@@ -126,14 +132,17 @@ def run(cfg: Config) -> int:
     summary = {"model": cfg.model, "dataset": cfg.dataset, "prompts": len(examples), "num_samples": cfg.num_samples,
                "seconds": round(seconds, 1), **{k: round(v, 4) for k, v in report["metrics"].items()}}
     _print_table(summary)
-    print(json.dumps(summary))
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        with (out / "completions.jsonl").open("w") as f:
-            for row in report["rows"]:
-                f.write(json.dumps(row) + "\n")
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+            with (out / "completions.jsonl").open("w") as f:
+                for row in report["rows"]:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise StorageError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+        print(f"eval results: {out / 'eval.json'}")
+    print(json.dumps(summary))  # the last line: machine-readable
     return 0
 
 

@@ -12,6 +12,7 @@ import atexit
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -78,6 +79,21 @@ class _WandB:
 _OPENERS = {"tensorboard": _TensorBoard, "trackio": _Trackio, "wandb": _WandB}
 
 
+def _json_or_none(line: str):
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace a file's content all at once: a kill in the middle leaves the old file, not half of the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class RunLog:
     def __init__(self, cfg, out: Path, tokenizer=None, has_eval: bool = False, enabled: bool = True):
         self.cfg, self.out, self.enabled = cfg, Path(out), enabled
@@ -101,22 +117,26 @@ class RunLog:
         """Write config.yaml; on a resume keep only the rows up to the checkpoint; open the trackers."""
         if not self.enabled:
             return
+        if getattr(self.cfg, "_output_dir_default", False):
+            log.info(f"output_dir not set: this run writes to {self.out}")
         self.out.mkdir(parents=True, exist_ok=True)
         header = f"# posttrain {self.command}: the resolved config of this run\n"
         (self.out / "config.yaml").write_text(header + yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         kept = []
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "completions.jsonl"):
             path = self.out / name
             if not path.exists():
                 continue
             if step == 0:
                 path.unlink()
                 continue
-            # Resuming from an earlier checkpoint: rows logged after it belong to the abandoned run.
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+            # Resuming from an earlier checkpoint: rows logged after it belong to the abandoned run, and so
+            # does a last line cut short by a kill or a full disk.
+            rows = [r for r in (_json_or_none(line) for line in path.read_text().splitlines())
+                    if r is not None and r.get("step", 0) <= step]
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
             if name == "metrics.jsonl":
-                kept = [json.loads(r) for r in rows]
+                kept = rows
         if self.diagnostics is not None and kept:
             self.diagnostics.replay(kept)
         for name in resolve_report_to(getattr(self.cfg, "report_to", None) or []):
@@ -158,13 +178,14 @@ class RunLog:
                 self.trackers.pop(name)
         return row
 
-    def samples(self, step: int, samples: list[dict]) -> None:
-        """A few completions of the batch that `step` trains on (online runs), for the report."""
+    def samples(self, step: int, samples: list[dict], name: str = "samples.jsonl") -> None:
+        """Completions of the batch that `step` trains on (online runs): a few for the report in samples.jsonl,
+        or every one in completions.jsonl (`log_completions`). Each row carries the step, so a resumed run
+        drops those of the abandoned steps and logs them again, exactly once."""
         if not self.enabled or not samples:
             return
-        with (self.out / "samples.jsonl").open("a") as f:
-            for s in samples:
-                f.write(json.dumps({"step": step, **s}, default=str) + "\n")
+        with (self.out / name).open("a") as f:
+            f.write("".join(json.dumps({"step": step, **s}, default=str) + "\n" for s in samples))
 
     def write_report(self) -> Path | None:
         if not self.enabled:

@@ -516,9 +516,11 @@ def test_metric_names_and_completion_log(tmp_path, tiny_model_dir, data, rewards
              "reward_failures", "reward_timeouts", "loss", "grad_norm", "learning_rate"}
     assert len(rows) == 2 and all(names <= set(r) for r in rows)
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    assert len(logged) == 2 * 2 * G and set(logged[0]) == {"prompt_index", "completion", "rewards", "advantage"}
+    assert len(logged) == 2 * 2 * G
+    assert set(logged[0]) == {"step", "prompt_index", "completion", "rewards", "advantage"}
     for step, r in enumerate(rows):
         part = logged[step * 2 * G : (step + 1) * 2 * G]
+        assert {x["step"] for x in part} == {step + 1}
         scores = [float("e" in x["completion"]) for x in part]
         assert [x["rewards"] for x in part] == [[s] for s in scores]
         assert r["reward"] == pytest.approx(sum(scores) / len(scores))

@@ -146,7 +146,7 @@ class OnlineConfig(TrainConfig):
     curriculum_explore: float = opt(0.1, "pass_rate: share of each draw taken uniformly from all prompts.")
     curriculum_window: int = opt(8, "pass_rate: groups per difficulty that its recent pass rate averages.")
     mask_truncated_completions: bool = opt(False, "Exclude completions that hit max_completion_length from the loss.")
-    log_completions: bool = opt(False, "Append every sampled completion with its rewards to completions.jsonl.")
+    log_completions: bool = opt(False, "Append every sampled completion with its rewards and step to completions.jsonl.")
     num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
                                         "for the run report, whatever log_completions says; 0: none.")
     learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
@@ -500,11 +500,10 @@ class OnlineRL(Algorithm):
             metrics.update(self.update_curriculum(rounds))
         metrics["generation_seconds"] = Max(generation_seconds)
         per_completion = _per_completion(advantages, mask)
-        if cfg.log_completions and is_main():
-            self._log_completions(scored, per_completion)
+        completions = self._completion_rows(scored, per_completion) if cfg.log_completions and is_main() else []
         samples = self._pick_samples(scored, per_completion) if is_main() else []
         metrics["prepare_seconds"] = Max(time.time() - t0)
-        return Prepared(micro, metrics, samples)
+        return Prepared(micro, metrics, samples, completions)
 
     def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False):
         return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
@@ -527,15 +526,12 @@ class OnlineRL(Algorithm):
                         "advantage": round(float(advantages[i]), 6)})
         return out
 
-    def _log_completions(self, scored: ScoredRollout, advantages: torch.Tensor) -> None:
+    def _completion_rows(self, scored: ScoredRollout, advantages: torch.Tensor) -> list[dict]:
+        """Every completion with its rewards, for completions.jsonl (the engine adds the step)."""
         G = scored.group_size
-        out = self.cfg.resolved_output_dir() + "/completions.jsonl"
-        with open(out, "a") as f:
-            for i, text in enumerate(scored.texts):
-                row = {"prompt_index": scored.prompts[i // G].index, "completion": text,
-                       "rewards": [None if math.isnan(v) else v for v in scored.rewards[i].tolist()],
-                       "advantage": float(advantages[i])}
-                f.write(json.dumps(row) + "\n")
+        return [{"prompt_index": scored.prompts[i // G].index, "completion": text,
+                 "rewards": [None if math.isnan(v) else v for v in scored.rewards[i].tolist()],
+                 "advantage": float(advantages[i])} for i, text in enumerate(scored.texts)]
 
     # --- loss --------------------------------------------------------------------------------------------
     def num_items(self, mb: RolloutBatch) -> float:
