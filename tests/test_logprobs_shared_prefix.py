@@ -217,3 +217,21 @@ def test_kernels_without_masks_score_the_concatenated_sequences(tokenizer, monke
         plain = shared_prefix_token_logps(model, prompts, row_prompt, ids, mask, tokenizer.pad_token_id)
     assert calls == [1]
     torch.testing.assert_close(plain.logps, packed.logps, atol=1e-5, rtol=1e-5)
+
+
+def test_unit_attention_is_not_saved_with_the_model(tokenizer, tmp_path):
+    """The switch to the per-unit attention lives in memory only: a saved model loads anywhere with plain SDPA."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.logprobs import UNIT_ATTENTION, use_unit_attention
+
+    model = tiny_model(tokenizer, seed=8)
+    assert use_unit_attention(model) and model.config._attn_implementation == UNIT_ATTENTION
+    model.save_pretrained(tmp_path)
+    assert UNIT_ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    eager = tiny_model(tokenizer, seed=8)
+    eager.config._attn_implementation = "eager"
+    assert not use_unit_attention(eager) and eager.config._attn_implementation == "eager"  # left alone
