@@ -20,6 +20,7 @@ COMMANDS = {
     "grpo": ("posttrain.algorithms.grpo", "GRPO family (GRPO, Dr. GRPO, DAPO, GSPO, GDPO, 2-GRPO) with verifiable rewards"),
     "eval": ("posttrain.evaluate", "greedy accuracy / pass@k of a model on prompts with a verifier"),
     "dpo": ("posttrain.algorithms.dpo", "preference optimisation: DPO family, SimPO, CPO, ORPO on (prompt, chosen, rejected)"),
+    "online-dpo": ("posttrain.algorithms.online_dpo", "online DPO: pairs sampled from the policy, ranked by rewards or a reward model"),
     "kto": ("posttrain.algorithms.kto", "KTO on unpaired (prompt, completion, label) examples or unpaired preference pairs"),
     "rm": ("posttrain.algorithms.rm", "reward model (Bradley-Terry sequence classifier) on (prompt, chosen, rejected)"),
 }

@@ -14,10 +14,11 @@ from posttrain.cli import COMMANDS, ToolArgs, ToolSpec
 from posttrain.config import UserError, config_to_dict, load_config, read_yaml
 from posttrain.trl_compat import ALIASES, applies, fields_of
 
-TRAINERS = ("sft", "dpo", "kto", "rm", "grpo")
+TRAINERS = ("sft", "dpo", "kto", "rm", "grpo", "online-dpo")
+INFERRED = ("sft", "dpo", "kto", "rm", "grpo")  # online-dpo shares its keys with dpo and grpo: name it with --command
 
 TOOL = ToolSpec(
-    usage="posttrain convert-config TRL.yaml [--command sft|dpo|kto|rm|grpo] [--processes N] [--full]",
+    usage="posttrain convert-config TRL.yaml [--command sft|dpo|kto|rm|grpo|online-dpo] [--processes N] [--full]",
     positionals=(1, 1),
     flags={"--command": str, "--processes": int, "--full": bool},
     help="""
@@ -39,7 +40,7 @@ def _command_keys(cls) -> set[str]:
 
 def infer_command(values: dict) -> str:
     """The trainer whose config alone has some of `values`' keys (in posttrain's or TRL's names)."""
-    configs = {name: importlib.import_module(COMMANDS[name][0]).Config for name in TRAINERS}
+    configs = {name: importlib.import_module(COMMANDS[name][0]).Config for name in INFERRED}
     keys = {name: _command_keys(cls) for name, cls in configs.items()}
     candidates = []
     for name, own in keys.items():
@@ -57,7 +58,7 @@ def main(args: ToolArgs) -> int:
     values, _ = read_yaml(path)
     command = args.flags["--command"] or infer_command(values)
     if command not in TRAINERS:
-        raise UserError(f"--command: {command!r} is not a training command (sft, dpo, kto, rm, grpo)")
+        raise UserError(f"--command: {command!r} is not a training command ({', '.join(TRAINERS)})")
     cls = importlib.import_module(COMMANDS[command][0]).Config
     world = args.flags["--processes"]
     if world is not None and world < 1:

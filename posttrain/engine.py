@@ -151,11 +151,21 @@ class Prepared(list):
     (completions.jsonl). The engine writes both with the step, so a resumed run logs each step once."""
 
     def __init__(self, micro_batches=(), metrics: dict | None = None, samples: list[dict] | None = None,
-                 completions: list[dict] | None = None):
+                 completions: list[dict] | None = None, parts: list[list] | None = None):
         super().__init__(micro_batches)
         self.metrics = dict(metrics or {})
         self.samples = list(samples or [])
         self.completions = list(completions or [])  # every sampled completion, for completions.jsonl
+        # With `Algorithm.parts_per_batch` = k > 1: the micro-batches of each of the k optimizer steps (GRPO's
+        # generation_batch_size: one generation, k steps on its k slices); step i of the batch takes part i % k.
+        self.parts = parts
+
+    def step_part(self, i: int) -> Prepared:
+        """The micro-batches of the i-th optimizer step taken on this prepared batch (all of them without parts)."""
+        parts = getattr(self, "parts", None)  # (a batch pickled in a checkpoint before parts existed has none)
+        if not parts:
+            return self
+        return Prepared(parts[i % len(parts)], self.metrics)
 
 
 class Algorithm(abc.ABC):
@@ -172,7 +182,8 @@ class Algorithm(abc.ABC):
         state in checkpoints and its models' device placement go through the hooks below.
     """
 
-    steps_per_batch = 1  # GRPO's num_iterations: optimizer steps taken on one prepared batch
+    steps_per_batch = 1  # optimizer steps taken on one prepared batch (GRPO: parts_per_batch x num_iterations)
+    parts_per_batch = 1  # steps' worth of examples one prepare gets (GRPO's generation_batch_size / batch_size)
     reference: Reference = Reference()  # none, unless the algorithm sets its own
 
     @abc.abstractmethod
@@ -311,7 +322,8 @@ class Engine:
             raise UserError(f"batch_size {cfg.batch_size} is not divisible by the number of processes {self.world_size}")
         self.total_steps = self._total_steps()
         self._batch = None  # the prepared micro-batches of the current optimizer-step batch
-        self.stream = BatchStream(len(train_examples), cfg.batch_size, cfg.seed)
+        # A prepared batch holds parts_per_batch steps' examples (one GRPO generation for several steps).
+        self.stream = BatchStream(len(train_examples), cfg.batch_size * algorithm.parts_per_batch, cfg.seed)
         self.best: tuple[float, int] | None = None  # (metric, step) of the best eval so far
         self._saved_at = -1  # the step of the last checkpoint written (one per step at most)
 
@@ -334,7 +346,7 @@ class Engine:
         cfg = self.cfg
         if cfg.max_steps > 0:
             return cfg.max_steps
-        per_epoch = len(self.train_examples) / cfg.batch_size
+        per_epoch = len(self.train_examples) / (cfg.batch_size * self.algo.parts_per_batch)  # prepared batches
         return max(1, math.ceil(cfg.num_epochs * per_epoch)) * self.algo.steps_per_batch
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -589,7 +601,8 @@ class Engine:
                     if step >= self.total_steps:
                         break
                     ts = time.time()
-                    metrics = self._run_step(micro_batches)
+                    part = micro_batches.step_part(step % spb) if isinstance(micro_batches, Prepared) else micro_batches
+                    metrics = self._run_step(part)
                     with parallel.gathered(self.model):
                         self.algo.on_step_end(self.model, step + 1)
                     step += 1

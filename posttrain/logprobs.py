@@ -49,11 +49,12 @@ class _HeadLogProb(torch.autograd.Function):
     name in `want_stats` (a tuple of STATS): `entropy`, `logits_mean` (mean logit over the vocabulary, TRL's
     `logits/*` metrics) and `log_p2` (log sum_v p_v^2, WPO's weight adjustment). Each costs passes over the
     [chunk, vocab] logits, so an algorithm asks only for those it reports: all three took ~0.5 s of a 3.7 s
-    DPO step on the benchmark.
+    DPO step on the benchmark. With `grad_entropy` the entropy row is differentiable (GRPO's entropy bonus):
+    backward adds dH/dz = -p (log p + H) per chunk, from the kept softmax or recomputed like the log-prob's.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_stats):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_stats, grad_entropy=False):
         n = hidden.shape[0]
         chunk_size = chunk_size or auto_chunk(weight.shape[0])
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -91,14 +92,20 @@ class _HeadLogProb(torch.autograd.Function):
             if budget >= logits.numel() * 4:
                 budget -= logits.numel() * 4
                 kept.append(probs if probs is not None else logits.sub_(lse[:, None]).exp_())
-        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.entropy_row = want_stats.index("entropy") if grad_entropy and "entropy" in want_stats else None
+        entropy = stats[ctx.entropy_row] if ctx.entropy_row is not None else lse_all[:0]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, entropy)
         ctx.temperature, ctx.chunk_size, ctx.kept = temperature, chunk_size, kept
-        ctx.mark_non_differentiable(stats)
+        if ctx.entropy_row is None:
+            ctx.mark_non_differentiable(stats)
         return logp, stats
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_stats):
-        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_stats):
+        hidden, weight, bias, targets, lse_all, entropy = ctx.saved_tensors
+        grad_entropy = None
+        if ctx.entropy_row is not None and grad_stats is not None:
+            grad_entropy = grad_stats[ctx.entropy_row]
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = None  # the first chunk writes it, later ones add to it: no [vocab, hidden] zero fill
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
@@ -106,10 +113,19 @@ class _HeadLogProb(torch.autograd.Function):
         for i, s in enumerate(range(0, hidden.shape[0], cs)):
             h = hidden[s : s + cs]
             if i < len(ctx.kept):  # the softmax kept from forward (not modified: a second backward finds it intact)
-                g = ctx.kept[i] * -grad_logp[s : s + cs, None]
+                p = ctx.kept[i]
+                g = p * -grad_logp[s : s + cs, None]
+                if grad_entropy is not None:  # dH/dz = -(p log p + p H); xlogy: 0 where p underflowed to 0
+                    g.sub_((torch.xlogy(p, p) + p * entropy[s : s + cs, None]) * grad_entropy[s : s + cs, None])
             else:  # recomputed: one more head matmul instead of holding [rows, vocab] since forward
                 logits = _chunk_logits(h, weight, bias, ctx.temperature)
-                g = logits.sub_(lse_all[s : s + cs, None]).exp_().mul_(-grad_logp[s : s + cs, None])  # in place
+                logp_v = logits.sub_(lse_all[s : s + cs, None])  # in place: log p over the vocabulary
+                ent = None
+                if grad_entropy is not None:  # dH/dz = -p (log p + H), before logp_v becomes p below
+                    ent = -logp_v.exp() * (logp_v + entropy[s : s + cs, None]) * grad_entropy[s : s + cs, None]
+                g = logp_v.exp_().mul_(-grad_logp[s : s + cs, None])  # in place
+                if ent is not None:
+                    g.add_(ent)
             # d logp / d logits = onehot(target) - softmax; scaled by the upstream gradient and 1/T.
             g.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None].float())
             if ctx.temperature != 1.0:
@@ -124,7 +140,7 @@ class _HeadLogProb(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 @dataclass
@@ -133,7 +149,7 @@ class TokenLogps:
 
     logps        [B, T] float32, log p(token_t | tokens_<t)
     mask         [B, T] float32, 1 where scored
-    entropy      [B, T] float32 or None, entropy of the predictive distribution at t (detached)
+    entropy      [B, T] float32 or None, entropy of the predictive distribution at t (detached unless `grad_entropy`)
     logits_mean  [B, T] float32 or None, mean logit over the vocabulary at t (detached)
     log_p2       [B, T] float32 or None, log sum_v p_v^2 at t (detached; WPO)
     """
@@ -186,16 +202,19 @@ def token_logps(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_stats: bool | tuple[str, ...] = False,
+    grad_entropy: bool = False,
 ) -> TokenLogps:
     """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring).
-    `with_stats`: True for every per-token statistic of STATS, or the names of those wanted."""
+    `with_stats`: True for every per-token statistic of STATS, or the names of those wanted; `grad_entropy`:
+    the entropy statistic carries a gradient (for an entropy term in a loss)."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
     mask = loss_mask.clone()
     mask[:, 0] = 0  # the first token has no prediction
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     h = hidden[b_idx, t_idx - 1]  # position t-1 predicts token t
     targets = input_ids[b_idx, t_idx]
-    return _score(unwrap(model), h, targets, (b_idx, t_idx), mask.float(), temperature, chunk_size, with_stats)
+    return _score(unwrap(model), h, targets, (b_idx, t_idx), mask.float(), temperature, chunk_size, with_stats,
+                  grad_entropy)
 
 
 STATS = ("entropy", "logits_mean", "log_p2")
@@ -212,7 +231,7 @@ def _stat_names(with_stats) -> tuple[str, ...]:
     return names
 
 
-def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -> "TokenLogps":
+def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats, grad_entropy=False) -> TokenLogps:
     """The LM head on the hidden states `h` of the scored positions (`index` into `mask`'s shape), with
     gradients when anything needs them, scattered back to a TokenLogps shaped like `mask`."""
     head = base.get_output_embeddings()
@@ -220,9 +239,10 @@ def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -
     if type(head) is not torch.nn.Linear:
         # A wrapped head (LoRA on lm_head): its `.weight` is only the frozen base weight, so the fused kernel
         # would silently drop the adapter. Call the module itself on the scored positions instead.
-        flat, stats = _module_head_logprob(head, h, targets, temperature, names)
+        flat, stats = _module_head_logprob(head, h, targets, temperature, names, grad_entropy)
     elif torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
-        flat, stats = _HeadLogProb.apply(h, head.weight, head.bias, targets, temperature, chunk_size, names)
+        flat, stats = _HeadLogProb.apply(h, head.weight, head.bias, targets, temperature, chunk_size, names,
+                                         grad_entropy)
     else:
         with torch.no_grad():
             flat, stats = _HeadLogProb.forward(_NoCtx(), h, head.weight, head.bias, targets, temperature, chunk_size,
@@ -237,18 +257,21 @@ def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats) -
     return out
 
 
-def _module_head_logprob(head, h, targets, temperature, names):
+def _module_head_logprob(head, h, targets, temperature, names, grad_entropy=False):
     """Plain autograd through `head(h)`: [n, vocab] logits at once (only for the scored positions)."""
     logits = head(h).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     flat = logits.gather(1, targets[:, None]).squeeze(1) - lse
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad_entropy and torch.is_grad_enabled()):  # stats detached but for that case
         probs = (logits - lse[:, None]).exp()
-        rows = {"entropy": lambda: lse - torch.linalg.vecdot(probs, logits), "logits_mean": lambda: logits.mean(-1),
-                "log_p2": lambda: torch.linalg.vecdot(probs, probs).log()}
-        stats = torch.stack([rows[n]() for n in names]) if names else logits.new_empty((0, h.shape[0]))
+        entropy = lse - torch.linalg.vecdot(probs, logits)
+    with torch.no_grad():
+        rows = {"entropy": lambda: entropy if grad_entropy else entropy.detach(),
+                "logits_mean": lambda: logits.mean(-1), "log_p2": lambda: torch.linalg.vecdot(probs, probs).log()}
+        values = [rows[n]() for n in names]
+    stats = torch.stack(values) if names else logits.new_empty((0, h.shape[0]))
     return flat, stats
 
 
@@ -414,6 +437,7 @@ def shared_prefix_token_logps(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_stats: bool | tuple[str, ...] = False,
+    grad_entropy: bool = False,
 ) -> TokenLogps:
     """Completion log-probs when many rows share a prompt (a GRPO group, a DPO pair), packed without padding.
 
@@ -439,7 +463,8 @@ def shared_prefix_token_logps(
     if not units and getattr(base.config, "_attn_implementation", "sdpa") != "eager":
         # Kernels such as flash-attention take no arbitrary mask: score the concatenated sequences instead.
         return _concatenated_token_logps(model, prompts, row_prompt, completion_ids, completion_mask, pad_id,
-                                         temperature=temperature, chunk_size=chunk_size, with_stats=with_stats)
+                                         temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
+                                         grad_entropy=grad_entropy)
     device = completion_ids.device
     N, Tc = completion_ids.shape
     lengths = (_prefix_ones(completion_mask) | (completion_mask > 0).long()).sum(-1).tolist()
@@ -466,7 +491,8 @@ def shared_prefix_token_logps(
     mask = completion_mask.float()
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     h = hidden[0][prev[b_idx, t_idx]]
-    return _score(base, h, completion_ids[b_idx, t_idx], (b_idx, t_idx), mask, temperature, chunk_size, with_stats)
+    return _score(base, h, completion_ids[b_idx, t_idx], (b_idx, t_idx), mask, temperature, chunk_size, with_stats,
+                  grad_entropy)
 
 
 def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:

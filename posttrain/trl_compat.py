@@ -89,6 +89,15 @@ def _fsdp(value):
     return "fsdp" if value else _DROP
 
 
+def _beta(value):
+    # OnlineDPOConfig's beta is a list (one per epoch, the last repeated); one value is the same setting.
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"{value}: a beta per epoch is not supported; give one beta")
+        return value[0]
+    return value
+
+
 def _negate(value):
     return _DROP if value is None else not value
 
@@ -135,6 +144,8 @@ ALIASES: dict[str, Alias] = {
     "dataset_train_split": Alias("dataset_split"),
     "dataset_test_split": Alias("eval_split"),
     "reward_model_name_or_path": Alias("reward_model"),
+    "reward_model_path": Alias("reward_model"),  # OnlineDPOConfig
+    "max_new_tokens": Alias("max_completion_length"),  # OnlineDPOConfig
     # trainer configs
     "f_divergence_type": Alias("f_divergence"),
     "f_alpha_divergence_coef": Alias("f_alpha"),
@@ -159,13 +170,15 @@ NATIVE_VALUES: dict[str, Callable[[Any], Any]] = {
     "save_total_limit": _none_is_default,
     "metric_for_best_model": _none_is_default,
     "num_completions_to_print": _none_is_default,
+    "beta": _beta,
 }
 
 # ModelConfig's LoRA defaults: a lora_* key at its default is silent without use_peft (it changes nothing).
 LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": None}
 
 # TRL keys combined by the rules in `_derive` (batch arithmetic, LoRA switch, model_init_kwargs).
-DERIVED = ("per_device_train_batch_size", "gradient_accumulation_steps", "use_peft", "model_init_kwargs")
+DERIVED = ("per_device_train_batch_size", "gradient_accumulation_steps", "use_peft", "model_init_kwargs",
+           "steps_per_generation")
 
 class Quiet(tuple):
     """Several values that all mean "TRL's default" for an ignored option (trainers override some defaults)."""
@@ -269,7 +282,7 @@ IGNORED: dict[str, tuple[Any, str]] = {
     "vllm_server_port": (8000, "no vLLM"),
     "vllm_server_timeout": (240.0, "no vLLM"),
     "vllm_group_port": (51216, "no vLLM"),
-    "vllm_gpu_memory_utilization": (0.3, "no vLLM"),
+    "vllm_gpu_memory_utilization": (Quiet((0.3, 0.55)), "no vLLM"),
     "vllm_max_model_length": (None, "no vLLM"),
     "vllm_tensor_parallel_size": (1, "no vLLM"),
     "vllm_importance_sampling_correction": (True, "no vLLM: sampling and training log-probs come from one model"),
@@ -329,18 +342,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "use_adaptive_entropy": ((False,), "a fixed entropy_coef"),
     "off_policy_mask_threshold": ((None,), "no off-policy sequence masking"),
     "loss_type": (("nll",), "SFT trains on the negative log-likelihood (TRL's dft is not implemented)"),
-    "sync_ref_model": ((False,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
-    "ref_model_mixup_alpha": ((0.6,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
-    "ref_model_sync_steps": ((512,), "a fixed reference here (TR-DPO reference updates: posttrain dpo)"),
-    "steps_per_generation": ((None,), "one generation per optimizer step (num_iterations reuses it)"),
-    "generation_batch_size": ((None,), "one generation per optimizer step (num_iterations reuses it)"),
-    "num_generations_eval": ((None,), "evaluation decodes greedily, one completion per prompt"),
-    "min_p": ((None,), "sampling with temperature, top_p and top_k"),
-    "repetition_penalty": ((1.0,), "sampling with temperature, top_p and top_k"),
-    "generation_kwargs": ((None, {}), "sampling with temperature, top_p and top_k"),
-    "chat_template_kwargs": ((None, {}), "the chat template is rendered without extra arguments"),
-    "top_entropy_quantile": ((1.0,), "every completion token is trained"),
-    "entropy_coef": ((0.0, 0), "no entropy bonus"),
+    "sync_ref_model": ((False,), "a fixed reference here (TR-DPO reference updates: posttrain dpo and grpo)"),
+    "ref_model_mixup_alpha": ((0.6,), "a fixed reference here (TR-DPO reference updates: posttrain dpo and grpo)"),
+    "ref_model_sync_steps": ((512,), "a fixed reference here (TR-DPO reference updates: posttrain dpo and grpo)"),
 }
 
 
@@ -525,6 +529,26 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
         if not cli and keys:
             lines["batch_size"] = f"{lines.get(keys[0], '')}{' x '.join(keys)} -> "
 
+    # GRPO: TRL's steps_per_generation counts per-device micro-batches of completions per generation.
+    if "steps_per_generation" in raw and "generation_batch_size" in fields:
+        value, lab, cli = raw["steps_per_generation"]
+        if value is not None:
+            steps = positive_int("steps_per_generation")
+            if "generation_batch_size" in sets:
+                raise TRLConfigError(f"{lab} and {sets['generation_batch_size'][-1].label}: give one of them (as TRL)")
+            per_device = raw["per_device_train_batch_size"][0] if "per_device_train_batch_size" in raw else (
+                _given(sets, "micro_batch_size") or fields_of(cls)["micro_batch_size"].default)
+            accumulation = raw["gradient_accumulation_steps"][0] if "gradient_accumulation_steps" in raw else 1
+            completions, per_step = per_device * world_size * steps, per_device * world_size * accumulation
+            # Fewer micro-steps per generation than per optimizer step: TRL generates several times within one
+            # step, with unchanged weights, which is one generation of the step's batch here (the default).
+            if not (completions < per_step and per_step % completions == 0):
+                sets["generation_batch_size"] = [_Set(completions, f"{lab} x per-device batch x {world_size} "
+                                                      "process(es)", cli, "steps_per_generation")]
+    elif "steps_per_generation" in raw and raw["steps_per_generation"][0] is not None:
+        raise TRLConfigError(f"{raw['steps_per_generation'][1]}: unknown key for "
+                             f"'{getattr(cls, 'command', cls.__name__)}'")
+
     # LoRA: TRL's lora_* keys count only with use_peft: true.
     if "lora" in fields:
         use_peft = raw.get("use_peft")
@@ -577,7 +601,7 @@ def _derive(cls, fields, raw, sets, assign, lines, warned, world_size: int) -> N
     # GRPO script: reward_model_name_or_path adds the reward model to the reward functions; TRL's
     # think_format_reward is the format reward with TRL's <think> pattern.
     if "reward_funcs" in fields:
-        if any(s.name == "reward_model_name_or_path" for s in sets.get("reward_model", [])):
+        if any(s.name in ("reward_model_name_or_path", "reward_model_path") for s in sets.get("reward_model", [])):
             funcs = list(_given(sets, "reward_funcs") or [])
             if "reward_model" not in funcs:
                 s = sets["reward_model"][-1]

@@ -186,3 +186,38 @@ def test_head_stays_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast would have given: visibly different
         bf16 = torch.log_softmax(torch.nn.functional.linear(h, w), -1).float().gather(1, targets[:, None]).squeeze(1)
     assert (bf16 - run(False)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("keep_chunks", [0, 2, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_with_a_gradient_matches_autograd_on_the_full_softmax(tokenizer, temperature, keep_chunks,
+                                                                      monkeypatch):
+    """grad_entropy: the entropy statistic carries dH/dlogits = -p (log p + H) through the chunked head's own
+    backward, together with the log-prob's gradient, from recomputed chunks (0), some kept (2) or all kept (100);
+    every parameter's gradient equals autograd on the plain full softmax, and without grad_entropy the entropy
+    stays detached."""
+    import posttrain.logprobs as lp
+
+    model = tiny_model(tokenizer, seed=2)
+    monkeypatch.setattr(lp, "KEEP_BYTES", keep_chunks * 5 * model.config.vocab_size * 4)
+    b = batch(tokenizer)
+    w_logp = torch.linspace(0.5, 2.0, b.input_ids.numel()).view_as(b.input_ids)
+    w_ent = torch.linspace(-1.0, 1.0, b.input_ids.numel()).view_as(b.input_ids)
+    out = token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, temperature=temperature, chunk_size=5,
+                      with_stats=("logits_mean", "entropy"), grad_entropy=True)
+    ((out.logps * w_logp).sum() + (out.entropy * w_ent).sum()).backward()
+    g_chunked = grads(model)
+    model.zero_grad()
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()[:, :-1] / temperature
+    logp = logits.log_softmax(-1)
+    mask = b.loss_mask[:, 1:].float()
+    entropy = torch.cat([torch.zeros_like(mask[:, :1]), -(logp.exp() * logp).sum(-1) * mask], dim=1)
+    ref = naive_token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, temperature=temperature)
+    assert_close_to_scale(out.entropy, entropy, name="entropy")
+    ((ref * w_logp).sum() + (entropy * w_ent).sum()).backward()
+    g_naive = grads(model)
+    assert set(g_chunked) == set(g_naive) == {n for n, _ in model.named_parameters()}
+    for n in g_naive:
+        assert_close_to_scale(g_chunked[n], g_naive[n], rtol=1e-4, name=n)
+    plain = token_logps(model, b.input_ids, b.attention_mask, b.loss_mask, with_stats=("entropy",))
+    assert not plain.entropy.requires_grad and plain.logps.requires_grad

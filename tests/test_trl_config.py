@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from posttrain import cli
-from posttrain.algorithms import dpo, grpo, kto, rm, sft
+from posttrain.algorithms import dpo, grpo, kto, online_dpo, rm, sft
 from posttrain.config import LoraConfig, UserError, load_config
 from posttrain.trl_compat import (
     ALIASES,
@@ -254,6 +254,8 @@ ALIAS_CASES = {
     "dataset_train_split": (sft.Config, "train[:10%]", "dataset_split", "train[:10%]"),
     "dataset_test_split": (sft.Config, "validation", "eval_split", "validation"),
     "reward_model_name_or_path": (grpo.Config, "runs/rm", "reward_model", "runs/rm"),
+    "reward_model_path": (online_dpo.Config, "runs/rm", "reward_model", "runs/rm"),
+    "max_new_tokens": (online_dpo.Config, 48, "max_completion_length", 48),
     "f_divergence_type": (dpo.Config, "alpha_divergence", "f_divergence", "alpha_divergence"),
     "f_alpha_divergence_coef": (dpo.Config, 0.3, "f_alpha", 0.3),
     "chat_template_path": (sft.Config, "template.jinja", "chat_template", "template.jinja"),
@@ -302,6 +304,7 @@ def test_alias(key, tmp_path):
         (sft.Config, "save_total_limit: null", "save_total_limit", None),
         (sft.Config, "metric_for_best_model: null", "metric_for_best_model", None),
         (grpo.Config, "num_completions_to_print: null", "num_completions_to_print", 4),
+        (dpo.Config, "beta: [0.2]", "beta", 0.2),
     ],
 )
 def test_trl_values_of_posttrain_keys(cls, text, key, expected, tmp_path):

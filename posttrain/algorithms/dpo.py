@@ -45,10 +45,9 @@ DEFAULT_DATASET = "arithmetic"
 
 
 @dataclass
-class Config(TrainConfig):
-    """Preference optimisation on (prompt, chosen, rejected) pairs: the DPO family and the reference-free
-    SimPO / CPO / ORPO. `batch_size` and `micro_batch_size` count PAIRS. With no dataset: pairs from the
-    built-in arithmetic task (correct answer chosen, a plausible wrong one rejected)."""
+class PreferenceOptions:
+    """The DPO family's loss and reference settings, shared by `dpo` (pairs from a dataset) and `online-dpo`
+    (pairs sampled from the policy). A mixin of their configs."""
 
     loss_type: list[str] = opt(["sigmoid"], "Loss name(s); a list is a weighted sum (see loss_weights). Names as in TRL.")
     loss_weights: list[float] | None = opt(None, "Weights of the loss_type terms (default: all 1).")
@@ -66,26 +65,11 @@ class Config(TrainConfig):
     cpo_alpha: float = opt(LOSS_OPTION_DEFAULTS["cpo_alpha"], "Weight of the chosen NLL in cpo and simpo (0: pure SimPO).")
     shared_prefix: bool = opt(True, "Run each prompt once for both sides of a pair (same numbers, less compute).")
     ref_model: str | None = opt(None, "Reference model path (default: the starting policy).")
-    precompute_ref_log_probs: bool = opt(False, "Score the data with the reference once, cache it, keep no reference in memory.")
     sync_ref_model: bool = opt(False, "TR-DPO: move the reference towards the policy during training.")
     ref_model_mixup_alpha: float = opt(0.6, "TR-DPO soft update weight (1.0 = hard copy).")
     ref_model_sync_steps: int = opt(512, "TR-DPO: update the reference every N optimizer steps.")
-    learning_rate: float | None = opt(None, "Peak learning rate (default 5e-7 full fine-tuning, 5e-6 with LoRA).")  # type: ignore[assignment]
-    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent warming up linearly from 0.")
-    max_length: int = opt(512, "Maximum tokens of prompt + completion, per side of the pair.")
-    truncation_mode: str = opt("keep_start", "A side over max_length keeps its first tokens (keep_start: the "
-                               "completion's end is cut) or its last (keep_end: the prompt's start is cut).",
-                               ("keep_start", "keep_end"))
-    precompute_ref_batch_size: int | None = opt(None, "Pairs per forward of the precompute_ref_log_probs pass "
-                                                "(default: eval_batch_size).")
-    command = "dpo"
-    demo = {"max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 2e-6,
-            "eval_dataset": "arithmetic:split=test,n=64"}
 
-    def validate(self) -> None:
-        if self.learning_rate is None:
-            self.learning_rate = 5e-6 if self.lora is not None else 5e-7
-        super().validate()
+    def validate_preference(self) -> None:
         unknown = [n for n in self.loss_type if n not in PREFERENCE_LOSSES]
         if unknown:
             raise UserError(f"loss_type: unknown {unknown[0]!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
@@ -104,7 +88,7 @@ class Config(TrainConfig):
             raise UserError("label_smoothing must be in [0, 0.5)")
         if self.beta < 0.01 or self.beta > 1 and self.loss_type != ["simpo"]:
             log.warning(f"beta={self.beta} is outside the usual range [0.01, 1]")
-        if self.sync_ref_model and (self.precompute_ref_log_probs or self.lora is not None):
+        if self.sync_ref_model and (getattr(self, "precompute_ref_log_probs", False) or self.lora is not None):
             raise UserError("sync_ref_model needs a reference copy: not with precompute_ref_log_probs or lora")
         if self.sync_ref_model and self.reference_free():
             raise UserError(f"sync_ref_model: loss_type {self.loss_type} is reference-free; there is no reference to sync")
@@ -133,6 +117,32 @@ class Config(TrainConfig):
             if getattr(self, name) != default:  # only options the user changed: others are loss-checked
                 kw[name] = getattr(self, name)
         return kw
+
+
+@dataclass
+class Config(PreferenceOptions, TrainConfig):
+    """Preference optimisation on (prompt, chosen, rejected) pairs: the DPO family and the reference-free
+    SimPO / CPO / ORPO. `batch_size` and `micro_batch_size` count PAIRS. With no dataset: pairs from the
+    built-in arithmetic task (correct answer chosen, a plausible wrong one rejected)."""
+
+    precompute_ref_log_probs: bool = opt(False, "Score the data with the reference once, cache it, keep no reference in memory.")
+    learning_rate: float | None = opt(None, "Peak learning rate (default 5e-7 full fine-tuning, 5e-6 with LoRA).")  # type: ignore[assignment]
+    warmup_ratio: float = opt(0.1, "Fraction of the optimizer steps spent warming up linearly from 0.")
+    max_length: int = opt(512, "Maximum tokens of prompt + completion, per side of the pair.")
+    truncation_mode: str = opt("keep_start", "A side over max_length keeps its first tokens (keep_start: the "
+                               "completion's end is cut) or its last (keep_end: the prompt's start is cut).",
+                               ("keep_start", "keep_end"))
+    precompute_ref_batch_size: int | None = opt(None, "Pairs per forward of the precompute_ref_log_probs pass "
+                                                "(default: eval_batch_size).")
+    command = "dpo"
+    demo = {"max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 2e-6,
+            "eval_dataset": "arithmetic:split=test,n=64"}
+
+    def validate(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = 5e-6 if self.lora is not None else 5e-7
+        super().validate()
+        self.validate_preference()
 
 
 @dataclass

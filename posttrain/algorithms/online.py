@@ -25,6 +25,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,15 +46,24 @@ from posttrain.losses.advantages import (
     sequence_scores,
     token_kl,
 )
-from posttrain.losses.policy import LOSS_TYPES, group_stats, loss_denominator, policy_loss
+from posttrain.losses.policy import (
+    LOSS_TYPES,
+    entropy_bonus,
+    group_stats,
+    loss_denominator,
+    policy_loss,
+    top_entropy_mask,
+)
 from posttrain.models import prepare_model
-from posttrain.parallel import gather_rows, is_main, rank_world
-from posttrain.reference import Reference, build
+from posttrain.parallel import all_reduce_sum, gather_rows, is_main, rank_world
+from posttrain.reference import Reference, Sync, build
 from posttrain.rollout.curriculum import PassRateCurriculum, difficulty_column, group_pass_rates
 from posttrain.rollout.generate import HFEngine, pad_cat
 from posttrain.rollout.groups import (
     PromptExample,
     ScoredRollout,
+    collect,
+    draw_prompts,
     filter_groups,
     prompt_examples,
     prompt_seed,
@@ -65,12 +76,13 @@ log = logging.getLogger("posttrain")
 
 DEFAULT_DATASET = "arithmetic"
 BUILTIN_REWARD_WEIGHTS = [1.0, 0.2]  # accuracy, format
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
-class OnlineConfig(TrainConfig):
-    """Online RL with verifiable rewards. `batch_size` counts PROMPTS per optimizer step (each brings
-    `num_generations` completions); `micro_batch_size` counts COMPLETIONS per forward/backward on one device."""
+class RolloutOptions:
+    """How an online method samples and scores its completions (the online-RL presets, online DPO): reward
+    functions, sampling, dynamic sampling, evaluation and the logging of completions. A mixin of their configs."""
 
     reward_funcs: list[str] | None = opt(None, "Reward functions: names (accuracy, format, length, reward_model) or module:function. Default: accuracy (+ format for the built-in task); reward_model when reward_model is given.")
     reward_weights: list[float] | None = opt(None, "Weight of each reward function (default: all 1).")
@@ -89,12 +101,78 @@ class OnlineConfig(TrainConfig):
         None, "reward_isolation=process: address-space limit of each reward worker process in MiB (set with "
         "resource.RLIMIT_AS after the function loads); a call that allocates past it scores None. Default: none.")
     missing_eos_penalty: float | None = opt(None, "Subtracted from the score of a completion cut at max_completion_length (TRL's PPO option).")
-    reward_clip_range: list[float] | None = opt(None, "[min, max]: each completion's score is clamped to it (after missing_eos_penalty).")
-    num_generations: int = opt(8, "G: completions sampled per prompt (2 = 2-GRPO).")
+    num_generations: int = opt(8, "G: completions sampled per prompt.")
     max_completion_length: int = opt(64, "Maximum new tokens per completion.")
     temperature: float = opt(1.0, "Sampling temperature (also divides the logits when scoring).")
     top_p: float = opt(1.0, "Nucleus sampling mass.")
     top_k: int = opt(0, "Top-k sampling (0: off).")
+    min_p: float | None = opt(None, "Min-p sampling: keep the tokens whose probability is at least min_p x the most "
+                              "likely one's (e.g. 0.05; default off).")
+    repetition_penalty: float = opt(1.0, "Divide the logits of tokens already in the prompt or the completion by "
+                                    "this (multiply negative ones) before sampling; 1: off. Old log-probs stay the "
+                                    "policy's own.")
+    generation_kwargs: dict | None = opt(None, "Sampling settings that override the keys of the same name: "
+                                         "temperature, top_p, top_k, min_p, repetition_penalty (TRL's key).")
+    chat_template_kwargs: dict | None = opt(None, "Extra variables for the chat template when prompts are rendered, "
+                                            "e.g. {enable_thinking: false}.")
+    num_generations_eval: int | None = opt(None, "Completions per eval prompt, sampled at `temperature` (eval reports "
+                                           "their mean rewards and pass@k); default: one greedy completion.")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
+    max_sampling_rounds: int = opt(3, "Dynamic sampling: generation rounds per step at most.")
+    log_completions: bool = opt(False, "Append every sampled completion with its rewards and step to completions.jsonl.")
+    num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
+                                        "for the run report, whatever log_completions says; 0: none.")
+    prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
+    chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
+
+    def validate_rollout(self) -> None:
+        if self.max_completion_length < 1:
+            raise UserError("max_completion_length must be >= 1")
+        if self.num_completions_to_print < 0:
+            raise UserError("num_completions_to_print must be >= 0")
+        if self.max_sampling_rounds < 1:
+            raise UserError("max_sampling_rounds must be >= 1")
+        if self.reward_timeout <= 0:
+            raise UserError("reward_timeout must be > 0")
+        if self.reward_memory_mb is not None and (self.reward_memory_mb < 1 or self.reward_isolation != "process"):
+            raise UserError("reward_memory_mb must be >= 1 and needs reward_isolation=process")
+        if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise UserError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        unknown = sorted(set(self.generation_kwargs or {}) - set(SAMPLING_KEYS))
+        if unknown:
+            raise UserError(f"generation_kwargs: {', '.join(unknown)} not supported (supported: {', '.join(SAMPLING_KEYS)})")
+        s = self.sampling()
+        if s["temperature"] < 0:
+            raise UserError("temperature must be >= 0")
+        if not 0 < s["top_p"] <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if s["top_k"] < 0:
+            raise UserError("top_k must be >= 0")
+        if s["min_p"] is not None and not 0 < s["min_p"] <= 1:
+            raise UserError("min_p must be in (0, 1]")
+        if s["repetition_penalty"] <= 0:
+            raise UserError("repetition_penalty must be > 0")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            raise UserError("num_generations_eval must be >= 1")
+
+    def sampling(self) -> dict:
+        """The sampling settings, generation_kwargs over the keys of the same name."""
+        return {**{k: getattr(self, k) for k in SAMPLING_KEYS}, **(self.generation_kwargs or {})}
+
+
+@dataclass
+class OnlineConfig(RolloutOptions, TrainConfig):
+    """Online RL with verifiable rewards. `batch_size` counts PROMPTS per optimizer step (each brings
+    `num_generations` completions); `micro_batch_size` counts COMPLETIONS per forward/backward on one device."""
+
+    reward_clip_range: list[float] | None = opt(None, "[min, max]: each completion's score is clamped to it (after missing_eos_penalty).")
+    num_generations: int = opt(8, "G: completions sampled per prompt (2 = 2-GRPO).")
+    generation_batch_size: int | None = opt(
+        None,
+        "GLOBAL COMPLETIONS sampled in one generation (TRL's unit), a multiple of batch_size x num_generations "
+        "(the default). One generation then serves generation_batch_size / (batch_size x num_generations) "
+        "optimizer steps, each on its own batch_size prompts; the later ones are off-policy (ratios against the "
+        "sampling log-probs). TRL's steps_per_generation sets it.")
     advantage_estimator: str = opt(
         "grpo", "How scores become advantages (veRL's names): grpo (group-normalised), rloo (leave-one-out baseline), "
         "reinforce_plus_plus (batch-whitened returns per token), reinforce_plus_plus_baseline (group mean, then "
@@ -117,6 +195,14 @@ class OnlineConfig(TrainConfig):
     epsilon_high: float | None = opt(None, "Upper clip (DAPO clip-higher, e.g. 0.28); default = epsilon. With "
                                      "loss_type=cispo: the cap on the importance ratio itself (e.g. 5.0).")
     delta: float | None = opt(None, "Dual clip: cap on the ratio for negative advantages (e.g. 3).")
+    top_entropy_quantile: float = opt(
+        1.0, "rho: the policy term trains only the top-rho fraction of the step's completion tokens by entropy "
+        "(80/20 rule, arXiv:2506.01939, recommends 0.2; 0 keeps the highest-entropy token); 1: every token.")
+    entropy_coef: float = opt(0.0, "Entropy bonus: minus entropy_coef x the mean entropy over the trained tokens.")
+    sync_ref_model: bool = opt(False, "TR-DPO style: move the reference (beta or kl_coef > 0) towards the policy "
+                               "during training.")
+    ref_model_mixup_alpha: float = opt(0.6, "sync_ref_model: ref <- alpha x policy + (1 - alpha) x ref (1: a copy).")
+    ref_model_sync_steps: int = opt(512, "sync_ref_model: update the reference every N optimizer steps.")
     num_iterations: int = opt(1, "mu: optimizer steps per generated batch.")
     loss_type: str = opt(
         "dapo",
@@ -134,8 +220,6 @@ class OnlineConfig(TrainConfig):
     std: str = opt("unbiased", "grpo: std used for scaling, unbiased (as TRL) or population (1/G).", ("unbiased", "population"))
     multi_objective_aggregation: str = opt("sum_then_normalize", "grpo with several rewards: sum then normalise (GRPO) or normalise each then sum (GDPO).", ("sum_then_normalize", "normalize_then_sum"))
     importance_sampling_level: str = opt("token", "token ratio (GRPO) or sequence ratio (GSPO).", ("token", "sequence"))
-    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
-    max_sampling_rounds: int = opt(3, "Dynamic sampling: generation rounds per step at most.")
     curriculum: str = opt("none", "Which prompts a step samples: none (the data order) or pass_rate (prompts whose recent "
                           "group pass rate is inside curriculum_band, by difficulty when the data has a difficulty "
                           "column; see posttrain.rollout.curriculum).", ("none", "pass_rate"))
@@ -146,15 +230,10 @@ class OnlineConfig(TrainConfig):
     curriculum_explore: float = opt(0.1, "pass_rate: share of each draw taken uniformly from all prompts.")
     curriculum_window: int = opt(8, "pass_rate: groups per difficulty that its recent pass rate averages.")
     mask_truncated_completions: bool = opt(False, "Exclude completions that hit max_completion_length from the loss.")
-    log_completions: bool = opt(False, "Append every sampled completion with its rewards and step to completions.jsonl.")
-    num_completions_to_print: int = opt(4, "Completions per step kept (with prompt, rewards, advantage) in samples.jsonl "
-                                        "for the run report, whatever log_completions says; 0: none.")
     learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
     batch_size: int = opt(8, "GLOBAL prompts per optimizer step (x num_generations completions).")
     micro_batch_size: int = opt(8, "Completions per forward/backward on one device.")
     max_prompt_length: int | None = opt(512, "Maximum prompt tokens; longer prompts keep their end.")
-    prompt_suffix: str | None = opt(None, "Text appended to every prompt (e.g. ' Reply with only the final number.').")
-    chat_prompts: bool = opt(True, "Send plain-text prompts as a user message through the chat template (when the tokenizer has one).")
     command = "online"
     trl_batch_counts_completions = True  # TRL's per_device_train_batch_size counts completions (trl_compat)
 
@@ -169,12 +248,7 @@ class OnlineConfig(TrainConfig):
         if self.whiten_advantages is not None and estimator.whiten_default is None:
             raise UserError(f"whiten_advantages: advantage_estimator={self.advantage_estimator} has no such option "
                             "(it applies to gae, rloo and remax)")
-        if self.max_completion_length < 1:
-            raise UserError("max_completion_length must be >= 1")
-        if self.temperature < 0:
-            raise UserError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise UserError("top_p must be in (0, 1]")
+        self.validate_rollout()
         if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise UserError("beta, epsilon and epsilon_high must be >= 0")
         if self.kl_coef < 0 or self.kl_horizon <= 0 or (self.kl_target is not None and self.kl_target <= 0):
@@ -187,16 +261,8 @@ class OnlineConfig(TrainConfig):
             r = self.reward_clip_range
             if len(r) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) or r[0] >= r[1]:
                 raise UserError(f"reward_clip_range: expected [min, max] with min < max, got {r!r}")
-        if self.num_completions_to_print < 0:
-            raise UserError("num_completions_to_print must be >= 0")
-        if self.reward_timeout <= 0:
-            raise UserError("reward_timeout must be > 0")
-        if self.reward_memory_mb is not None and (self.reward_memory_mb < 1 or self.reward_isolation != "process"):
-            raise UserError("reward_memory_mb must be >= 1 and needs reward_isolation=process")
-        if self.num_iterations < 1 or self.max_sampling_rounds < 1:
-            raise UserError("num_iterations and max_sampling_rounds must be >= 1")
-        if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise UserError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        if self.num_iterations < 1:
+            raise UserError("num_iterations must be >= 1")
         if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
             raise UserError("loss_type=cispo: epsilon_high caps the importance ratio itself and must be >= 1 "
                             f"(ScaleRL recommends 5.0); got {self.epsilon_high}")
@@ -215,6 +281,20 @@ class OnlineConfig(TrainConfig):
             if self.kl_coef > 0 or self.missing_eos_penalty is not None or self.reward_clip_range is not None:
                 raise UserError("multi_objective_aggregation=normalize_then_sum normalises each reward function's values; "
                                 "kl_coef, missing_eos_penalty and reward_clip_range act on their sum: use one or the other")
+        step = self.batch_size * self.num_generations
+        if self.generation_batch_size is not None and (
+                self.generation_batch_size < step or self.generation_batch_size % step):
+            raise UserError(f"generation_batch_size {self.generation_batch_size} (completions) must be a multiple of "
+                            f"batch_size x num_generations = {step}")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise UserError("top_entropy_quantile must be in [0, 1]")
+        if self.entropy_coef < 0:
+            raise UserError("entropy_coef must be >= 0")
+        if self.sync_ref_model and ((self.beta == 0 and self.kl_coef == 0) or self.lora is not None):
+            raise UserError("sync_ref_model moves a reference copy: it needs beta or kl_coef > 0 and full fine-tuning "
+                            "(no lora)")
+        if not 0 < self.ref_model_mixup_alpha <= 1 or self.ref_model_sync_steps < 1:
+            raise UserError("ref_model_mixup_alpha must be in (0, 1] and ref_model_sync_steps >= 1")
 
     def estimator_options(self) -> EstimatorOptions:
         return EstimatorOptions(gamma=self.gamma, lam=self.lam, whiten=self.whiten_advantages,
@@ -232,6 +312,8 @@ class RolloutBatch:
     completion_ids     [N, T] right-padded;  completion_mask [N, T] 1 on scored tokens (EOS included)
     advantages         [N] (one per completion) or [N, T] (one per token)
     old_logps, ref_logps  [N, T] or None, aligned with completion_ids
+    entropy_mask       [N, T] 1 on the tokens the policy term trains (top_entropy_quantile < 1), or None
+    entropy_tokens     the step's trained-token count over every process (the entropy bonus's mean), or None
     """
 
     prompts: list
@@ -241,6 +323,8 @@ class RolloutBatch:
     advantages: torch.Tensor
     old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
+    entropy_mask: torch.Tensor | None = None
+    entropy_tokens: float | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -313,7 +397,10 @@ class OnlineRL(Algorithm):
             raise ValueError("beta or kl_coef > 0 needs a reference (posttrain.reference.build)")
         self.make_engine = make_engine or HFEngine
         self.estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
-        self.steps_per_batch = cfg.num_iterations
+        # generation_batch_size: one generation, k optimizer steps on its k slices, each num_iterations times.
+        step = cfg.batch_size * cfg.num_generations
+        self.parts_per_batch = (cfg.generation_batch_size or step) // step
+        self.steps_per_batch = self.parts_per_batch * cfg.num_iterations
         self.weights = cfg.reward_weights
         self.kl_coef = cfg.kl_coef  # moves with the adaptive controller (kl_target); part of the run's state
         self._round = 0  # generation rounds so far: part of every prompt's sampling seed
@@ -331,7 +418,7 @@ class OnlineRL(Algorithm):
         seeds = [prompt_seed(cfg.seed, self._round, e.index) for e in prompts]
         engine = self.make_engine(model, self.tok)
         out = sample(engine, prompts, cfg.num_generations, seeds=seeds, max_new_tokens=cfg.max_completion_length,
-                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                     **cfg.sampling())
         self._round += 1
         scored = score(self.funcs, prompts, out, weights=self.weights, timeout=cfg.reward_timeout)
         if self.estimator.needs_baseline:
@@ -344,33 +431,27 @@ class OnlineRL(Algorithm):
         return scored
 
     def collect(self, model, examples: list[PromptExample]) -> tuple[ScoredRollout, list[ScoredRollout]]:
-        """The step's groups, and every round as sampled. Without dynamic sampling: one round of `examples`.
-        With it: keep the groups that have a signal (`filter_groups`) and sample more prompts, drawn from the
-        whole dataset, until `len(examples)` groups are kept or `max_sampling_rounds` is reached."""
+        """The step's groups, and every round as sampled (`posttrain.rollout.groups.collect`): with dynamic
+        sampling, the groups that have a signal (`filter_groups`), more prompts drawn from the whole dataset (or
+        the curriculum) until `len(examples)` are kept or `max_sampling_rounds` is reached."""
         cfg = self.cfg
-        rounds = [self.rollout(model, examples)]
-        if not cfg.dynamic_sampling:
-            return rounds[0], rounds
         per_reward = cfg.multi_objective_aggregation == "normalize_then_sum"
-        kept = [filter_groups(rounds[0], self.weights, per_reward)]
-        while sum(len(k) for k in kept) < len(examples) and len(rounds) < cfg.max_sampling_rounds:
-            # Without replacement: a prompt drawn twice would get the same seed and so the same completions.
+
+        def draw(rounds: list[ScoredRollout]) -> list[PromptExample]:
+            if self.curriculum is None:
+                return draw_prompts(self.prompts, len(examples), seed=cfg.seed, round=self._round, last=rounds[-1])
+            # More prompts from the curriculum, none of this step's again.
             seed = prompt_seed(cfg.seed, self._round, rounds[-1].prompts[0].index)
-            if self.curriculum is not None:  # more prompts from the curriculum, none of this step's again
-                taken = [e.index for r in rounds for e in r.prompts]
-                pool = [self.prompts[i] for i in self.curriculum.draw(len(examples), seed, exclude=taken)]
-            else:
-                g = torch.Generator().manual_seed(seed)
-                pool = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=g)[: len(examples)].tolist()]
-            rounds.append(self.rollout(model, pool))
-            kept.append(filter_groups(rounds[-1], self.weights, per_reward))
-        groups = ScoredRollout.cat(kept, self.tok.pad_token_id)
-        if len(groups) < len(examples) and is_main():
-            log.warning(f"dynamic sampling: {len(groups)}/{len(examples)} groups with reward variance after "
+            taken = [e.index for r in rounds for e in r.prompts]
+            return [self.prompts[i] for i in self.curriculum.draw(len(examples), seed, exclude=taken)]
+
+        scored, rounds, found = collect(
+            lambda p: self.rollout(model, p), examples, draw, self.tok.pad_token_id, dynamic=cfg.dynamic_sampling,
+            max_rounds=cfg.max_sampling_rounds, keep=lambda r: filter_groups(r, self.weights, per_reward))
+        if cfg.dynamic_sampling and found < len(examples) and is_main():
+            log.warning(f"dynamic sampling: {found}/{len(examples)} groups with reward variance after "
                         f"{len(rounds)} rounds")
-        if not len(groups):  # nothing informative at all: train on the last round (advantages are 0)
-            return rounds[-1], rounds
-        return groups.select(list(range(min(len(groups), len(examples))))), rounds
+        return scored, rounds
 
     def _scores(self, rewards: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -481,8 +562,16 @@ class OnlineRL(Algorithm):
         mask = scored.completion_mask
         if cfg.mask_truncated_completions:
             mask = mask * (~scored.truncated).long()[:, None]
-        micro = to_micro_batches(scored, None, cfg.micro_batch_size, mask=mask,
-                                 old_logps=scored.logps if self.steps_per_batch > 1 else None)
+        # More than one optimizer step on these samples: the later ones are off-policy, so the ratio is taken
+        # against the sampling log-probs. Each step (part) trains on its own slice of the prompts; the
+        # micro-batches of every part, in row order, go through the batch-wide steps below.
+        old = scored.logps if self.steps_per_batch > 1 else None
+        parts = []
+        for groups in self._parts(len(scored)):
+            rows = [g * scored.group_size + j for g in groups for j in range(scored.group_size)]
+            parts.append(to_micro_batches(scored.select(groups), None, cfg.micro_batch_size, mask=mask[rows],
+                                          old_logps=None if old is None else old[rows]))
+        micro = [mb for part in parts for mb in part]
         # The reference (beta or kl_coef > 0), scored like the policy (same temperature, same packing).
         for mb in micro:
             mb.ref_logps = self.reference.logps(model, lambda m, mb=mb: self._logps(m, mb).logps)
@@ -494,6 +583,8 @@ class OnlineRL(Algorithm):
         if cfg.beta == 0:  # the reference served the reward only; the loss has no KL term
             for mb in micro:
                 mb.ref_logps = None
+        for part in parts:
+            self._entropy_selection(model, part)
         metrics = self.rollout_metrics(scored, rounds, all_rewards)
         metrics.update(self.kl_metrics(kl_sums))
         if self.curriculum is not None:
@@ -503,14 +594,40 @@ class OnlineRL(Algorithm):
         completions = self._completion_rows(scored, per_completion) if cfg.log_completions and is_main() else []
         samples = self._pick_samples(scored, per_completion) if is_main() else []
         metrics["prepare_seconds"] = Max(time.time() - t0)
-        return Prepared(micro, metrics, samples, completions)
+        return Prepared(micro, metrics, samples, completions, parts=parts if len(parts) > 1 else None)
 
-    def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False):
+    def _parts(self, n_groups: int) -> list[list[int]]:
+        """This rank's groups split into parts_per_batch contiguous slices, one per optimizer step."""
+        k = self.parts_per_batch
+        bounds = [round(i * n_groups / k) for i in range(k + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+    def _entropy_selection(self, model, micro: list[RolloutBatch]) -> None:
+        """One optimizer step's micro-batches: the top_entropy_quantile token mask, and the trained-token count the
+        entropy bonus averages over. The quantile is taken over every completion token of the step on every
+        process (TRL takes it per micro-batch, so its selection depends on how a step is split), from the
+        policy's entropies at sampling time (a no-grad pass; the same policy the first step trains)."""
+        cfg = self.cfg
+        if cfg.top_entropy_quantile < 1:
+            with torch.no_grad():
+                entropies = [self._logps(model, mb, with_stats=("entropy",)).entropy for mb in micro]
+            pool = gather_rows(torch.cat([e[mb.completion_mask.bool()] for e, mb in zip(entropies, micro)]))[0]
+            for e, mb in zip(entropies, micro):
+                mb.entropy_mask = top_entropy_mask(e, mb.completion_mask, cfg.top_entropy_quantile, pool=pool)
+        if cfg.entropy_coef > 0:
+            local = sum(float((mb.completion_mask if mb.entropy_mask is None else mb.entropy_mask).sum()) for mb in micro)
+            total = float(all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
+            for mb in micro:
+                mb.entropy_tokens = total
+
+    def _logps(self, model, mb: RolloutBatch, with_stats: bool | tuple[str, ...] = False, grad_entropy: bool = False):
         return shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask,
-                                         self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats)
+                                         self.tok.pad_token_id, temperature=self._temp(), with_stats=with_stats,
+                                         grad_entropy=grad_entropy)
 
     def _temp(self) -> float:
-        return self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+        temperature = self.cfg.sampling()["temperature"]  # generation_kwargs may set it
+        return temperature if temperature > 0 else 1.0
 
     def _pick_samples(self, scored: ScoredRollout, advantages: torch.Tensor) -> list[dict]:
         """`num_completions_to_print` of this rank's completions, spread evenly over its prompts."""
@@ -540,7 +657,7 @@ class OnlineRL(Algorithm):
 
     def loss(self, model, mb: RolloutBatch, total_items: float):
         cfg = self.cfg
-        out = self._logps(model, mb, with_stats=("entropy",))
+        out = self._logps(model, mb, with_stats=("entropy",), grad_entropy=cfg.entropy_coef > 0)
         mask = out.mask
         bnpo = cfg.loss_type == "bnpo"
         loss, metrics = policy_loss(
@@ -551,11 +668,16 @@ class OnlineRL(Algorithm):
             # mask_truncated_completions) has a dapo count of 0; its loss is 0, not 0/0.
             max_completion_length=cfg.max_completion_length, num_items=None if bnpo else max(total_items, 1.0),
             sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-            use_bias_correction_kl=cfg.use_bias_correction_kl,
+            use_bias_correction_kl=cfg.use_bias_correction_kl, entropy_mask=mb.entropy_mask,
         )
         if bnpo:
             loss = loss / total_items
-        metrics["entropy"] = (out.entropy * mask).sum() / mask.sum().clamp(min=1)
+        if cfg.entropy_coef > 0:
+            # The mean entropy of the trained tokens over the whole step (every micro-batch and process), so
+            # entropy_coef means the same whatever the loss_type's normalisation and however the step is split.
+            trained = mask if mb.entropy_mask is None else mb.entropy_mask
+            loss = loss - cfg.entropy_coef * entropy_bonus(out.entropy, trained, mb.entropy_tokens)
+        metrics["entropy"] = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         # Micro-batch means (over tokens, or sequences at the sequence level), weighted like the loss.
         weight = self.num_items(mb)
         return loss, {k: Mean(v, weight) for k, v in metrics.items()}
@@ -580,9 +702,7 @@ class OnlineRL(Algorithm):
         self.reference.load_state_dict(state)
 
     def evaluate(self, model, examples: list) -> dict:
-        report = evaluate_prompts(model, self.tok, examples, self.funcs, max_new_tokens=self.cfg.max_completion_length,
-                                  batch_size=self.cfg.eval_batch_size, make_engine=self.make_engine)
-        return report["metrics"]
+        return evaluate_online(self.cfg, model, self.tok, examples, self.funcs, self.make_engine)
 
 
 def _per_completion(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -602,15 +722,26 @@ def make_curriculum(cfg: OnlineConfig, prompts: list[PromptExample]) -> PassRate
                                         explore=cfg.curriculum_explore, window=cfg.curriculum_window)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if len(prompts) < cfg.batch_size:
-        raise UserError(f"curriculum: {len(prompts)} prompts for a batch of {cfg.batch_size}; it draws distinct prompts")
+    batch = (cfg.generation_batch_size or cfg.batch_size * cfg.num_generations) // cfg.num_generations
+    if len(prompts) < batch:
+        raise UserError(f"curriculum: {len(prompts)} prompts for a batch of {batch}; it draws distinct prompts")
     if is_main():
         what = f"difficulty column {column!r} ({len(curriculum.keys)} values)" if column else "pass rates alone"
         log.info(f"curriculum pass_rate: {what}, band {cfg.curriculum_band}, explore {cfg.curriculum_explore}")
     return curriculum
 
 
-def default_reward_funcs(cfg: OnlineConfig, builtin: bool, has_answer: bool) -> list[str]:
+def evaluate_online(cfg: RolloutOptions, model, tok, examples: list, funcs, make_engine) -> dict:
+    """Generation eval of an online method: one greedy completion per prompt, or `num_generations_eval` sampled
+    at the sampling temperature (mean rewards and pass@k)."""
+    k = cfg.num_generations_eval or 1
+    report = evaluate_prompts(model, tok, examples, funcs, max_new_tokens=cfg.max_completion_length,
+                              batch_size=cfg.eval_batch_size, make_engine=make_engine, num_samples=k,
+                              temperature=cfg.sampling()["temperature"] if k > 1 else 0.0, seed=cfg.seed)
+    return report["metrics"]
+
+
+def default_reward_funcs(cfg: RolloutOptions, builtin: bool, has_answer: bool) -> list[str]:
     if cfg.reward_funcs:
         return list(cfg.reward_funcs)
     if cfg.reward_model:
@@ -620,8 +751,11 @@ def default_reward_funcs(cfg: OnlineConfig, builtin: bool, has_answer: bool) -> 
     return ["accuracy", "format"] if builtin else ["accuracy"]
 
 
-def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
-    train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
+@contextmanager
+def load_rewards(cfg: RolloutOptions, train) -> Iterator[tuple[list[str], list]]:
+    """The run's reward functions `[(name, fn)]` (and their names) from the config and the training data: the
+    ones named, else the reward model, else accuracy (+ format, weighted 1 : 0.2, on the built-in task).
+    Closes them (reward worker processes, reward_isolation=process) when the block ends."""
     builtin = cfg.dataset is None or cfg.dataset.split(":")[0] == DEFAULT_DATASET
     names = default_reward_funcs(cfg, builtin, any({"answer", "solution"} & set(r.data) for r in train.rows))
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
@@ -638,19 +772,23 @@ def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
     except ValueError as e:
         raise UserError(f"reward_funcs: {e}") from None
     try:
-        return _train(cfg, algorithm, train, evald, funcs, names)
+        yield names, funcs
     finally:
-        for _, fn in funcs:  # reward worker processes (reward_isolation=process)
+        for _, fn in funcs:
             if hasattr(fn, "close"):
                 fn.close()
 
 
-def _train(cfg, algorithm, train, evald, funcs, names):
-    tok, model = prepare_model(cfg)
-    prompts = prompt_examples(train, tok, cfg)
-    eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
-    algo = algorithm(cfg, tok, funcs, prompts, build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0))
-    if is_main():
-        log.info(f"{cfg.command}: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
-                 f"advantages {cfg.advantage_estimator}, loss {cfg.loss_type}, beta {cfg.beta}, kl_coef {cfg.kl_coef}")
-    return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()
+def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
+    train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
+    with load_rewards(cfg, train) as (names, funcs):
+        tok, model = prepare_model(cfg)
+        prompts = prompt_examples(train, tok, cfg)
+        eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
+        sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
+        algo = algorithm(cfg, tok, funcs, prompts, build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0, sync=sync))
+        if is_main():
+            log.info(f"{cfg.command}: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
+                     f"advantages {cfg.advantage_estimator}, loss {cfg.loss_type}, beta {cfg.beta}, "
+                     f"kl_coef {cfg.kl_coef}")
+        return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()

@@ -37,10 +37,11 @@ def _ids(tok, text: str, *, first: bool) -> list[int]:
     return tok(text, add_special_tokens=first and tok.bos_token_id is not None)["input_ids"]
 
 
-def _render(tok, messages, *, add_generation_prompt: bool) -> str:
+def _render(tok, messages, *, add_generation_prompt: bool, template_kwargs: dict | None = None) -> str:
     if not tok.chat_template:
         raise UserError("conversational data needs a tokenizer with a chat template (set chat_template)")
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                   **(template_kwargs or {}))
 
 
 def _strip_after_eos(tok, ids: list[int]) -> list[int]:
@@ -53,10 +54,11 @@ def _strip_after_eos(tok, ids: list[int]) -> list[int]:
     return ids + [eos]
 
 
-def encode_prompt(tok, prompt) -> list[int]:
-    """Prompt ids ready for generation (chat template with the generation prompt for conversations)."""
+def encode_prompt(tok, prompt, template_kwargs: dict | None = None) -> list[int]:
+    """Prompt ids ready for generation (chat template with the generation prompt for conversations).
+    `template_kwargs`: extra variables for the chat template (e.g. {"enable_thinking": False})."""
     if is_conversation(prompt):
-        return _ids(tok, _render(tok, prompt, add_generation_prompt=True), first=True)
+        return _ids(tok, _render(tok, prompt, add_generation_prompt=True, template_kwargs=template_kwargs), first=True)
     return _ids(tok, prompt, first=True)
 
 

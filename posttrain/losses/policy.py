@@ -45,11 +45,13 @@ from torch import Tensor
 __all__ = [
     "AGGREGATIONS",
     "LOSS_TYPES",
+    "entropy_bonus",
     "group_advantages",
     "group_stats",
     "k3_kl",
     "loss_denominator",
     "policy_loss",
+    "top_entropy_mask",
 ]
 
 _SCALES = ("group", "batch", "none")
@@ -312,6 +314,31 @@ LOSS_TYPES: dict[str, tuple[str, str]] = {
 }
 
 
+def top_entropy_mask(entropies: Tensor, mask: Tensor, top_quantile: float, pool: Tensor | None = None) -> Tensor:
+    """Entropy-based token selection (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939): 1 on the
+    masked tokens whose entropy is at least the (1 - top_quantile) quantile (linear interpolation, as TRL's
+    torch.quantile) of `pool`, the entropies the selection ranks among (default: this batch's masked tokens;
+    the caller passes every token of the step on every process). top_quantile = 0 keeps the largest entropy,
+    1 every token. [B, T] in, [B, T] in the mask's dtype out."""
+    if not 0.0 <= top_quantile <= 1.0:
+        raise ValueError(f"top_quantile must be in [0, 1], got {top_quantile}")
+    keep = mask.bool()
+    pool = entropies[keep] if pool is None else pool
+    if pool.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(pool.float(), 1.0 - top_quantile)
+    return ((entropies >= threshold) & keep).to(mask.dtype)
+
+
+def entropy_bonus(entropies: Tensor, trained: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """The mean entropy of the trained tokens, sum(entropy x trained) / num_tokens (default: this batch's trained
+    tokens; pass the count of the whole step for a step-wide mean that splits over micro-batches). A loss
+    subtracts entropy_coef times it (TRL's entropy_coef: the same meaning whatever the loss_type)."""
+    total = (entropies * trained).sum()
+    count = trained.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=total.dtype)
+    return total / count.clamp(min=1.0)
+
+
 def loss_denominator(loss_type: str, mask: Tensor, max_completion_length: int | None = None) -> Tensor | None:
     """This micro-batch's share of ``num_items``: add it over all micro-batches of an optimizer step (and
     all-reduce over ranks) and pass the total to :func:`policy_loss`. None for ``bnpo`` (per micro-batch)."""
@@ -347,6 +374,7 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     use_bias_correction_kl: bool = True,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss of the GRPO family (to minimise), as TRL's ``GRPOTrainer._compute_loss``.
 
@@ -378,6 +406,10 @@ def policy_loss(
       cap on the ratio itself, e.g. 5.0, and must be given), aggregated as ``dapo``.
     * ``sapo``: -(4 / tau) sigma(tau (w_t - 1)) A, tau = ``sapo_temperature_pos`` if A > 0 else
       ``sapo_temperature_neg`` (arXiv 2511.20347), aggregated as ``grpo``.
+
+    ``entropy_mask`` ([B, T], 1 = keep): the policy term of the tokens outside it is 0 (Wang et al. 2025,
+    "Beyond the 80/20 Rule", arXiv 2506.01939: train only the high-entropy "forking" tokens); they still count
+    in the aggregation's denominators and keep their KL term, as in TRL.
 
     Args:
         logps, old_logps, ref_logps, mask: [B, T] per-token log-probs of the sampled completion tokens and the
@@ -422,6 +454,8 @@ def policy_loss(
     options = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "delta": delta,
                "sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg}
     per_token_loss = OBJECTIVES[objective](ratio, logps, adv, options)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask.to(logps.dtype)
     per_token_kl = None
     if ref_logps is not None:
         per_token_kl = k3_kl(logps, ref_logps)

@@ -11,6 +11,7 @@ transformers causal LM (a peft model too) in-process. A vLLM engine would be ano
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,8 @@ class GenerationEngine(Protocol):
         top_p: float = 1.0,
         top_k: int = 0,
         seeds: list[int] | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
     ) -> Rollout: ...
 
 
@@ -51,8 +54,12 @@ def pad_cat(tensors: list[torch.Tensor], value) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1)), value=value) for t in tensors])
 
 
-def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Set logits outside the top-k / top-p (nucleus, Holtzman et al. 2020) set to -inf; always keep the best."""
+def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the top-k / top-p (nucleus, Holtzman et al. 2020) / min-p set to -inf; always keep the
+    best. min-p (Nguyen et al. 2024, arXiv:2407.01082) keeps the tokens with p >= min_p x the largest p."""
+    if min_p:
+        logp = logits.log_softmax(-1)
+        logits = logits.masked_fill(logp < logp.max(-1, keepdim=True).values + math.log(min_p), float("-inf"))
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -224,11 +231,17 @@ class HFEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         seeds: list[int] | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
     ) -> Rollout:
         """Sample ``num_generations`` completions for each prompt (temperature 0 = greedy).
 
-        ``logps`` are log-softmax(logits / temperature) of the chosen tokens, taken before top-k/top-p filtering
-        (as TRL records them); with temperature 0 they are the plain log-softmax(logits).
+        ``repetition_penalty`` (CTRL, Keskar et al. 2019; transformers' definition): before the temperature, the
+        logit of every token already in the prompt or the completion so far is divided by it when positive,
+        multiplied when negative. ``min_p``, ``top_k``, ``top_p`` then filter.
+        ``logps`` are log-softmax(logits / temperature) of the chosen tokens, taken before the penalty and the
+        filters (as TRL records them: the policy's own probabilities, which a ratio against the trained policy
+        needs); with temperature 0 they are the plain log-softmax(logits).
         """
         if num_generations < 1 or max_new_tokens < 1:
             raise ValueError("num_generations and max_new_tokens must be >= 1")
@@ -243,7 +256,8 @@ class HFEngine:
             with torch.no_grad():
                 parts = [
                     self._generate_chunk(prompt_ids[i:i + step], num_generations, max_new_tokens, temperature,
-                                         top_p, top_k, None if seeds is None else seeds[i:i + step])
+                                         top_p, top_k, None if seeds is None else seeds[i:i + step], min_p,
+                                         repetition_penalty)
                     for i in range(0, len(prompt_ids), step)
                 ]
         finally:
@@ -310,7 +324,8 @@ class HFEngine:
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, **extra)
         return out.logits[:, -1].float(), out[self._cache_kw], attn[::G], position_ids[::G]
 
-    def _generate_chunk(self, prompts, G, max_new_tokens, temperature, top_p, top_k, seeds):
+    def _generate_chunk(self, prompts, G, max_new_tokens, temperature, top_p, top_k, seeds, min_p=None,
+                        repetition_penalty=1.0):
         device = next(self.model.parameters()).device
         P = len(prompts)
         logits, cache, attn, position_ids = self._prefill(prompts, G)
@@ -330,25 +345,40 @@ class HFEngine:
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         pad = torch.full((B,), self.pad_id, dtype=torch.long, device=device)
-        filtered = temperature > 0 and (top_p < 1.0 or bool(top_k and top_k < logits.size(-1)))
+        filtered = temperature > 0 and (top_p < 1.0 or bool(top_k and top_k < logits.size(-1)) or bool(min_p))
+        seen = None
+        if repetition_penalty != 1.0:  # [B, V]: the tokens of each row's prompt, then of its completion so far
+            seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                seen[i * G : (i + 1) * G, torch.tensor(sorted(set(p)), device=device)] = True
         steps = max_new_tokens
         rows = torch.arange(B, device=device)  # the rows still decoded (ids into the full batch), ascending
         running = B
         for t in range(max_new_tokens):
             scaled = logits / temperature if temperature > 0 else logits
             logp_all = scaled.log_softmax(-1)
+            chosen_from = logits
+            if seen is not None:
+                penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                chosen_from = torch.where(seen[rows], penalized, logits)
             if temperature > 0:
-                probs = filter_logits(scaled, top_p, top_k).softmax(-1) if filtered else logp_all.exp()
+                tempered = chosen_from / temperature if seen is not None else scaled
+                if filtered:
+                    probs = filter_logits(tempered, top_p, top_k, min_p).softmax(-1)
+                else:
+                    probs = logp_all.exp() if seen is None else tempered.softmax(-1)
                 if generators is None:
                     u = torch.rand((rows.numel(), 1), device=device)
                 else:  # every group draws for all its G rows, ended or not: its samples never depend on others
                     u = torch.cat([torch.rand((G, 1), generator=g, device=device) for g in generators])[rows]
                 nxt = inverse_cdf(probs, u)
             else:
-                nxt = logits.argmax(-1)
+                nxt = chosen_from.argmax(-1)
             done = finished[rows]
             nxt = torch.where(done, pad[: rows.numel()], nxt)
             ids[rows, t] = nxt
+            if seen is not None:
+                seen[rows, nxt] = True
             token_logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill_(done, 0.0)
             just_ended = ~done & torch.isin(nxt, eos)
             lengths[rows] = torch.where(just_ended, t + 1, lengths[rows])

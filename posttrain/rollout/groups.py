@@ -2,6 +2,9 @@
 
     prompts --sample--> Rollout --score--> ScoredRollout --filter_groups--> ScoredRollout (informative groups)
 
+`generate_and_score` is one round of the first two (per-prompt seeds), `collect` the step's groups with DAPO's
+dynamic sampling over several rounds; GRPO and online DPO build their steps from them.
+
 `sample` asks a `GenerationEngine` for G completions of each prompt, each prompt with its own seed
 (`prompt_seed`), so what a prompt gets does not depend on its batch mates or on the process it runs in.
 `score` runs the reward functions over them. `filter_groups` is DAPO's dynamic sampling: it keeps the groups
@@ -11,6 +14,7 @@ whose rewards vary. The online-RL algorithm builds its step from these (advantag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +57,8 @@ def prompt_examples(ds, tok, cfg) -> list[PromptExample]:
         as_chat = isinstance(prompt, str) and cfg.chat_prompts and tok.chat_template
         # Reward functions see the prompt as the data has it (text stays text, as in TRL).
         with row_errors(row.source):
-            ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt)
+            ids = encode_prompt(tok, [{"role": "user", "content": prompt}] if as_chat else prompt,
+                                getattr(cfg, "chat_template_kwargs", None))
         if max_prompt_length and len(ids) > max_prompt_length:
             ids = ids[-max_prompt_length:]
         cols = {k: v for k, v in data.items() if k not in ("prompt", "completion", "chosen", "rejected")}
@@ -125,10 +130,14 @@ class ScoredRollout:
 
 
 def sample(engine: GenerationEngine, prompts: list[PromptExample], num_generations: int, *, seeds: list[int],
-           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Rollout:
-    """G = `num_generations` completions of every prompt (temperature 0: greedy), one seed per prompt."""
+           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           **sampling) -> Rollout:
+    """G = `num_generations` completions of every prompt (temperature 0: greedy), one seed per prompt.
+    `sampling`: further options the engine takes (min_p, repetition_penalty); unset ones are not passed, so an
+    engine without them still serves runs that do not use them."""
+    extra = {k: v for k, v in sampling.items() if v is not None and not (k == "repetition_penalty" and v == 1.0)}
     return engine.generate([e.prompt_ids for e in prompts], num_generations, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds)
+                           temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds, **extra)
 
 
 def score(funcs, prompts: list[PromptExample], rollout: Rollout, *, weights=None,
@@ -168,3 +177,41 @@ def filter_groups(scored: ScoredRollout, weights=None, per_reward: bool = False)
     G = scored.group_size
     return scored.select([g for g in range(len(scored)) if has_signal(scored.rewards[g * G : (g + 1) * G], weights,
                                                                        per_reward)])
+
+
+def generate_and_score(engine: GenerationEngine, prompts: list[PromptExample], funcs, *, num_generations: int,
+                       seed: int, round: int, max_new_tokens: int, sampling: dict, weights=None,
+                       timeout: float = 10.0) -> ScoredRollout:
+    """One generation round: G completions of each prompt, each prompt seeded by (seed, round, its index), scored
+    by the reward functions `[(name, fn)]`. `sampling`: temperature, top_p, top_k, min_p, repetition_penalty."""
+    seeds = [prompt_seed(seed, round, e.index) for e in prompts]
+    out = sample(engine, prompts, num_generations, seeds=seeds, max_new_tokens=max_new_tokens, **sampling)
+    return score(funcs, prompts, out, weights=weights, timeout=timeout)
+
+
+def draw_prompts(pool: list[PromptExample], n: int, *, seed: int, round: int, last: ScoredRollout) -> list[PromptExample]:
+    """n prompts of `pool` for another dynamic-sampling round, without replacement (a prompt drawn twice would get
+    the same seed and so the same completions), seeded by the run, the round and the last round's first prompt."""
+    g = torch.Generator().manual_seed(prompt_seed(seed, round, last.prompts[0].index))
+    return [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
+
+
+def collect(rollout: Callable[[list[PromptExample]], ScoredRollout], examples: list[PromptExample],
+            draw: Callable[[list[ScoredRollout]], list[PromptExample]], pad_id: int, *, dynamic: bool, max_rounds: int,
+            keep: Callable[[ScoredRollout], ScoredRollout]) -> tuple[ScoredRollout, list[ScoredRollout], int]:
+    """(the step's groups, every round as sampled, how many informative groups were found). `rollout(prompts)`
+    runs one round. Without `dynamic`: one round of `examples`. With it (DAPO's dynamic sampling): `keep` the
+    informative groups of each round and sample more prompts (`draw(rounds so far)` picks them) until
+    `len(examples)` groups are kept or `max_rounds` rounds ran; when nothing at all is informative, the last
+    round as it is."""
+    rounds = [rollout(examples)]
+    if not dynamic:
+        return rounds[0], rounds, len(rounds[0])
+    kept = [keep(rounds[0])]
+    while sum(len(k) for k in kept) < len(examples) and len(rounds) < max_rounds:
+        rounds.append(rollout(draw(rounds)))
+        kept.append(keep(rounds[-1]))
+    groups = ScoredRollout.cat(kept, pad_id)
+    if not len(groups):
+        return rounds[-1], rounds, 0
+    return groups.select(list(range(min(len(groups), len(examples))))), rounds, len(groups)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from posttrain.losses.policy import LOSS_TYPES, group_advantages, policy_loss
+from posttrain.losses.policy import LOSS_TYPES, entropy_bonus, group_advantages, policy_loss, top_entropy_mask
 
 from .conftest import StubModel, bare_trainer, close
 
@@ -64,7 +64,8 @@ def _padded_left(x, prompt_width):
 def trl_grpo(data, loss_type="dapo", importance_sampling_level="token", scale_rewards="group", num_iterations=2,
              beta=0.04, epsilon=0.2, epsilon_high=0.28, delta=None, mask_truncated_completions=False,
              multi_objective_aggregation="sum_then_normalize", reward_weights=(1.0, 0.5),
-             use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
+             use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+             top_entropy_quantile=1.0, entropy_coef=0.0):
     n, width = data["mask"].shape
     prompt_width = max(len(p) for p in data["prompt_ids"])
     columns = data["rewards"].tolist()
@@ -91,26 +92,31 @@ def trl_grpo(data, loss_type="dapo", importance_sampling_level="token", scale_re
         reward_processing_classes=[None, None], reward_func_names=["r0", "r1"], chat_template_kwargs={},
         _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
                "extra": defaultdict(list), "images": []},
-        _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False, top_entropy_quantile=1.0,
+        _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False, top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None, importance_sampling_level=importance_sampling_level, loss_type=loss_type,
         epsilon_low=epsilon, epsilon_high=epsilon_high, current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, use_adaptive_entropy=False, max_completion_length=width,
+        _entropy_bonus_enabled=entropy_coef != 0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
+        max_completion_length=width,
     )
     trainer._generate = lambda prompts: (data["prompt_ids"], data["completions"], None, ["text"] * n, None, {},
                                          None, None)
     batch = trainer._generate_and_score_completions([{"prompt": f"p{i // G}", "row": i} for i in range(n)])
     assert ("old_per_token_logps" in batch) == (num_iterations > 1)
     leaf = data["current"].clone().requires_grad_(True)
-    policy.fields = {"log_probs": _padded_left(leaf, prompt_width), "entropy": _padded_left(data["entropy"], prompt_width)}
+    entropy = data["entropy"].clone().requires_grad_(True)
+    policy.fields = {"log_probs": _padded_left(leaf, prompt_width), "entropy": _padded_left(entropy, prompt_width)}
     loss = trainer._compute_loss(policy, batch)
     loss.backward()
-    return {"loss": loss.detach(), "grad": leaf.grad * batch["completion_mask"], "advantages": batch["advantages"],
-                "mask": batch["completion_mask"], "metrics": trainer._metrics["train"]}
+    mask = batch["completion_mask"]
+    entropy_grad = entropy.grad * mask if entropy.grad is not None else torch.zeros_like(entropy)
+    return {"loss": loss.detach(), "grad": leaf.grad * mask, "entropy_grad": entropy_grad,
+            "advantages": batch["advantages"], "mask": mask, "metrics": trainer._metrics["train"]}
 
 
 def ours(data, loss_type="dapo", importance_sampling_level="token", scale_rewards="group", num_iterations=2,
          beta=0.04, epsilon=0.2, epsilon_high=0.28, delta=None, mask_truncated_completions=False,
-         multi_objective_aggregation="sum_then_normalize", reward_weights=(1.0, 0.5), advantages=None, **kwargs):
+         multi_objective_aggregation="sum_then_normalize", reward_weights=(1.0, 0.5), advantages=None,
+         top_entropy_quantile=1.0, entropy_coef=0.0, **kwargs):
     if advantages is None:
         advantages = group_advantages(data["rewards"], G, scale=scale_rewards, aggregation=multi_objective_aggregation,
                                       reward_weights=list(reward_weights))
@@ -119,12 +125,18 @@ def ours(data, loss_type="dapo", importance_sampling_level="token", scale_reward
         truncated = torch.tensor([c[-1] != EOS for c in data["completions"]])
         mask = mask * (~truncated).long()[:, None]
     leaf = data["current"].clone().requires_grad_(True)
+    entropy = data["entropy"].clone().requires_grad_(True)
+    selected = top_entropy_mask(entropy.detach(), mask, top_entropy_quantile) if top_entropy_quantile < 1 else None
     loss, metrics = policy_loss(
         leaf, data["old"] if num_iterations > 1 else None, advantages, mask, ref_logps=data["ref"], beta=beta,
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
-        loss_type=loss_type, max_completion_length=mask.shape[1], **kwargs)
+        loss_type=loss_type, max_completion_length=mask.shape[1], entropy_mask=selected, **kwargs)
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy_bonus(entropy, mask if selected is None else selected)
     loss.backward()
-    return {"loss": loss.detach(), "grad": leaf.grad, "advantages": advantages, "mask": mask, "metrics": metrics}
+    entropy_grad = entropy.grad * mask if entropy.grad is not None else torch.zeros_like(entropy)
+    return {"loss": loss.detach(), "grad": leaf.grad, "entropy_grad": entropy_grad, "advantages": advantages,
+            "mask": mask, "metrics": metrics}
 
 
 def check(data, **settings):
@@ -137,6 +149,8 @@ def check(data, **settings):
     mine = ours(data, **settings, advantages=theirs["advantages"])
     close(mine["loss"], theirs["loss"], name="loss")
     close(mine["grad"], theirs["grad"], name="gradient")
+    if theirs["entropy_grad"].abs().max() > 0:
+        close(mine["entropy_grad"], theirs["entropy_grad"], name="gradient through the entropies")
     for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio"):
         if key in theirs["metrics"]:
             close(mine["metrics"][key], theirs["metrics"][key][0], name=key)
@@ -173,3 +187,12 @@ def test_masks_unscorable_rows_and_plain_kl():
 
 def test_gdpo_normalize_then_sum():
     check(rollout(seed=8), multi_objective_aggregation="normalize_then_sum", reward_weights=(1.0, 2.0))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
+@pytest.mark.parametrize(("rho", "coef"), [(0.2, 0.0), (1.0, 0.05), (0.3, 0.05), (0.0, 0.0)])
+def test_top_entropy_quantile_and_entropy_bonus(loss_type, rho, coef):
+    """One micro-batch holding the step, so TRL's per-micro-batch quantile is posttrain's per-step one. The
+    gradient through the entropies (the bonus) is compared too."""
+    check(rollout(seed=13), loss_type=loss_type, top_entropy_quantile=rho, entropy_coef=coef,
+          epsilon_high=1.3 if loss_type == "cispo" else 0.28)

@@ -14,15 +14,16 @@ import yaml
 from transformers import TrainingArguments
 from transformers.optimization import get_scheduler
 from trl import DPOConfig, GRPOConfig, KTOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig
+from trl.experimental.online_dpo import OnlineDPOConfig
 from trl.scripts.grpo import GRPOScriptArguments
 
-from posttrain.algorithms import dpo, grpo, kto, rm, sft
+from posttrain.algorithms import dpo, grpo, kto, online_dpo, rm, sft
 from posttrain.config import UserError, load_config
 from posttrain.engine import make_scheduler
 from posttrain.trl_compat import ALIASES, DERIVED, IGNORED, LORA_DEFAULTS, UNSUPPORTED, Quiet, applies
 
 TRAINERS = {DPOConfig: dpo.Config, GRPOConfig: grpo.Config, KTOConfig: kto.Config, RewardConfig: rm.Config,
-            SFTConfig: sft.Config}
+            SFTConfig: sft.Config, OnlineDPOConfig: online_dpo.Config}
 SHARED = (ModelConfig, ScriptArguments)
 
 

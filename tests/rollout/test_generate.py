@@ -300,3 +300,49 @@ def test_ended_rows_leave_the_decode_batch_without_changing_any_sample(model, to
         k = int(lengths[row])
         ref = _teacher_forced_logps(model, prompts[row // 4], shrunk.completion_ids[row, :k].tolist(), 1.0)
         assert torch.allclose(shrunk.logps[row, :k].double(), ref, atol=1e-4)
+
+
+def test_repetition_penalty_greedy_matches_transformers_generate(tokenizer):
+    """repetition_penalty (transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit divided by the
+    penalty when positive, multiplied when negative; seen = the prompt and the completion so far): greedy tokens
+    equal transformers' own generate of each prompt alone (alone: transformers would also penalise the padding
+    token of a left-padded batch), here from one batch of three prompts of different lengths. The tiny model at
+    its default init repeats one token greedily, which the penalty must break."""
+    model = tiny_model(tokenizer)
+    prompts = _prompt_ids(tokenizer)
+    ro = HFEngine(model, tokenizer).generate(prompts, 1, max_new_tokens=12, temperature=0.0, repetition_penalty=2.0)
+    plain = HFEngine(model, tokenizer).generate(prompts, 1, max_new_tokens=12, temperature=0.0)
+    assert not torch.equal(ro.completion_ids, plain.completion_ids)  # the penalty changes the text
+    for i, p in enumerate(prompts):
+        ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             do_sample=False, max_new_tokens=12, repetition_penalty=2.0,
+                             pad_token_id=tokenizer.pad_token_id)[0, len(p):]
+        assert ro.completion_ids[i].tolist() == ref.tolist()
+
+
+def test_repetition_penalty_and_min_p_survive_the_decode_batch_shrinking(model, tokenizer, monkeypatch):
+    """The per-row record of seen tokens follows the rows when ended ones leave the decode batch: sampled with
+    repetition_penalty and min_p, every row is what it is when the batch never shrinks."""
+    from posttrain.rollout import generate as gen
+
+    prompts = _chat_prompt_ids(tokenizer)
+    calls = []
+    real = gen._select_rows
+    monkeypatch.setattr(gen, "_select_rows", lambda cache, keep: calls.append(keep.numel()) or real(cache, keep))
+
+    def run(compact):
+        monkeypatch.setattr(gen, "COMPACT", compact)
+        engine = HFEngine(model, tokenizer)
+        engine.eos_ids = list(range(0, len(tokenizer), 7))
+        return engine.generate(prompts, 4, max_new_tokens=12, temperature=1.0, seeds=[3, 4, 5],
+                               repetition_penalty=1.5, min_p=0.01)
+
+    shrunk = run(0.75)
+    assert calls
+    kept = run(0.0)
+    assert torch.equal(shrunk.completion_ids, kept.completion_ids)
+    torch.testing.assert_close(shrunk.logps, kept.logps, atol=1e-4, rtol=0)
+    plain = HFEngine(model, tokenizer)
+    plain.eos_ids = list(range(0, len(tokenizer), 7))
+    assert not torch.equal(plain.generate(prompts, 4, max_new_tokens=12, temperature=1.0, seeds=[3, 4, 5]).completion_ids,
+                           shrunk.completion_ids)
