@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from posttrain.config import StorageError, TrainConfig, UserError, describe, load_config
+from posttrain.config import RunError, TrainConfig, UserError, describe, load_config
 
 # command -> (module defining `Config` and `run(config)`, one-line description). Modules are imported
 # only for the command asked for.
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line, always: messages quoting library errors can carry newlines.
         print("posttrain: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
-    except StorageError as e:  # the run could not write its files: not the user's input, so not exit 2
+    except RunError as e:  # disk full, a diverged run: not the user's input, so not exit 2
         print("posttrain: error: " + str(e), file=sys.stderr)
         return 1
 

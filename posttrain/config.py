@@ -23,12 +23,16 @@ import yaml
 log = logging.getLogger("posttrain")
 
 
-class StorageError(Exception):
-    """The run directory cannot be written (disk full, quota, read-only): one line, exit 1, and the message
-    names the last checkpoint that is intact."""
+class RunError(Exception):
+    """The run stopped for a reason that is not a mistake in the input (the CLI prints one line and exits 1):
+    its message says why and which checkpoint to resume from."""
 
     def __init__(self, message: str = ""):
         super().__init__(" ".join(str(message).splitlines()))
+
+
+class StorageError(RunError):
+    """The run directory cannot be written (disk full, quota, read-only)."""
 
 
 class UserError(Exception):
@@ -184,6 +188,9 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is NaN/Inf is skipped (weights and optimizer state "
+                                   "unchanged; counted in the nonfinite_skipped metric). After this many in a row "
+                                   "the run stops with a checkpoint; 0: never stop.")
     seed: int = opt(42, "Seed for initialisation, data order, dropout and sampling.")
     # Run management
     logging_strategy: str = opt("steps", "When to write a metrics.jsonl row: every logging_steps, at each epoch's end, "
@@ -234,6 +241,7 @@ class TrainConfig:
             (self.num_epochs > 0, "num_epochs must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0"),
             (self.logging_steps > 0, "logging_steps must be > 0"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1"),
             (self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1"),

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from posttrain import parallel
-from posttrain.config import UserError
+from posttrain.config import RunError, UserError
 from posttrain.models import is_peft, unwrap
 from posttrain.parallel import is_main, rank_world
 from posttrain.reference import Reference
@@ -326,6 +327,7 @@ class Engine:
         self.stream = BatchStream(len(train_examples), cfg.batch_size * algorithm.parts_per_batch, cfg.seed)
         self.best: tuple[float, int] | None = None  # (metric, step) of the best eval so far
         self._saved_at = -1  # the step of the last checkpoint written (one per step at most)
+        self._nonfinite_run = self._nonfinite_total = 0  # skipped steps: in a row now, and in this run
 
     def steps_of(self, value: float) -> int:
         """A step count from the config: N, or below 1 a fraction of the run (rounded up, as transformers)."""
@@ -521,6 +523,7 @@ class Engine:
         local_items = sum(algo.num_items(mb) for mb in micro_batches)
         total = float(parallel.all_reduce_sum(torch.tensor(float(local_items))))
         parts = []
+        finite = True
         for i, mb in enumerate(micro_batches):
             if self.device.type != "cpu":
                 mb = parallel.to_device(mb, self.device)
@@ -529,19 +532,47 @@ class Engine:
                 with self._autocast():
                     loss, metrics = algo.loss(self.model, mb, total)
                 loss.backward()
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
             parts += [metrics, {"loss": Sum(loss.detach()), "_tokens": Sum(algo.num_tokens(mb))}]
         grad_norm = parallel.grad_norm(self.model, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # A NaN/Inf loss or gradient on any rank: no update at all (AdamW would write NaN into every weight and
+        # both moments, for good). The schedule still advances: the learning rate stays a function of the step.
+        skipped = parallel.any_rank(not (finite and math.isfinite(grad_norm)))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(micro_batches, Prepared):  # measured once per prepared batch, logged with each of its steps
             parts.append(micro_batches.metrics)
         # Every metric reduced once: over this rank's micro-batches, then over the ranks.
         out = finish_metrics(parallel.reduce_metrics(accumulate_metrics(parts)))
         out.update(algo.derived_metrics(out))
-        out.update(grad_norm=grad_norm, learning_rate=lr)
+        out.update(grad_norm=grad_norm, learning_rate=lr, nonfinite_skipped=float(skipped))
         return out
+
+    def _after_nonfinite(self, step: int, row: dict) -> None:
+        """Warn at the first skipped step; stop (with a checkpoint) after max_nonfinite_steps in a row."""
+        if not row.get("nonfinite_skipped"):
+            self._nonfinite_run = 0
+            return
+        self._nonfinite_run += 1
+        self._nonfinite_total += 1
+        if self._nonfinite_total == 1 and is_main():
+            log.warning(f"step {step}: the loss or gradient is not finite (loss {row.get('loss')}, grad_norm "
+                        f"{row.get('grad_norm')}); the update is skipped, weights and optimizer state unchanged. "
+                        "Later skips are only counted (nonfinite_skipped in metrics.jsonl).")
+        limit = self.cfg.max_nonfinite_steps
+        if limit and self._nonfinite_run >= limit:
+            path = self._save_once(step)
+            self.runlog.finish()
+            raise RunError(f"stopped at step {step}: the loss or gradient was not finite for {limit} steps in a row "
+                           f"(max_nonfinite_steps); the weights of step {step - limit} are saved in {path}. Lower "
+                           "learning_rate, check the data for extreme rows, or raise max_nonfinite_steps")
 
     def evaluate(self) -> dict:
         if not self.eval_examples:
@@ -623,6 +654,7 @@ class Engine:
                     progress.update(step, row)
                     if self._due(cfg.save_strategy, cfg.save_steps, step):
                         self._save_once(step)
+                    self._after_nonfinite(step, row)
                     if parallel.any_rank(stop.signum is not None):  # all ranks stop at the same step
                         path = self._save_once(step)
                         progress.close()
@@ -650,6 +682,8 @@ class Engine:
     def _summary(self, steps: int, seconds: float, last: dict) -> None:
         keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "eval/accuracy") if k in last]
         extra = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
+        if self._nonfinite_total:
+            extra += f"{', ' if extra else ''}{self._nonfinite_total} skipped (non-finite)"
         print(f"done: {steps} steps in {seconds:.1f}s{', ' + extra if extra else ''}; model saved to {self.out}")
 
 
