@@ -14,6 +14,7 @@ Run directory: config.yaml, metrics.jsonl, checkpoint-N/ (atomic), the final Hug
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import math
@@ -39,6 +40,16 @@ from posttrain.rundir import prepare_output_dir, storage_error
 from posttrain.runlog import RunLog
 
 log = logging.getLogger("posttrain")
+
+
+def _load(path: Path):
+    """A file of a checkpoint posttrain wrote: tensors and plain containers only (weights_only: a file swapped
+    in by someone else cannot run code when it is read back)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
+        raise UserError(f"{path}: not a checkpoint file posttrain can read ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -67,7 +78,7 @@ class Metric(float):
     def __new__(cls, value):
         return super().__new__(cls, float(value))
 
-    def __reduce__(self):  # prepared batches with their metrics are checkpointed mid-batch
+    def __reduce__(self):  # copy.deepcopy keeps the kind (and Mean its weight)
         return type(self), (float(self),)
 
     def __repr__(self) -> str:
@@ -167,6 +178,76 @@ class Prepared(list):
         if not parts:
             return self
         return Prepared(parts[i % len(parts)], self.metrics)
+
+
+# A prepared batch in a checkpoint (num_iterations > 1, saved mid-batch): its tensors in safetensors, the rest
+# as JSON naming the posttrain dataclass of each micro-batch. Nothing is unpickled when resuming.
+_METRIC_KINDS = {"mean": Mean, "sum": Sum, "min": Min, "max": Max, "global": Global}
+
+
+def _to_json(obj, tensors: dict, path: str):
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().contiguous()
+        return {"tensor": path}
+    if isinstance(obj, Metric):
+        return {"metric": obj.kind, "value": float(obj), "weight": obj.weight}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = type(obj)
+        return {"dataclass": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _to_json(getattr(obj, f.name), tensors, f"{path}.{f.name}")
+                           for f in dataclasses.fields(obj)}}
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {"dict": {k: _to_json(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_to_json(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return {"value": obj}
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} in a prepared batch ({path})")
+
+
+def _from_json(node, tensors: dict):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "metric" in node:
+        kind = _METRIC_KINDS[node["metric"]]
+        return kind(node["value"], node["weight"]) if kind is Mean else kind(node["value"])
+    if "dataclass" in node:
+        import importlib
+
+        module, _, name = node["dataclass"].partition(":")
+        cls = getattr(importlib.import_module(module), name, None) if module.startswith("posttrain.") else None
+        if cls is None or not dataclasses.is_dataclass(cls):  # only posttrain's own batch types are rebuilt
+            raise ValueError(f"unknown batch type {node['dataclass']!r}")
+        return cls(**{k: _from_json(v, tensors) for k, v in node["fields"].items()})
+    if "dict" in node:
+        return {k: _from_json(v, tensors) for k, v in node["dict"].items()}
+    if "list" in node:
+        return [_from_json(v, tensors) for v in node["list"]]
+    return node["value"]
+
+
+def save_prepared(batch, folder: Path, name: str) -> None:
+    """`batch` (a list of micro-batches or a Prepared) as folder/name.safetensors + folder/name.json."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    doc = {"micro_batches": [_to_json(mb, tensors, f"mb{i}") for i, mb in enumerate(batch)]}
+    if isinstance(batch, Prepared):
+        doc["metrics"] = _to_json(batch.metrics, tensors, "metrics")
+        doc["samples"], doc["completions"] = batch.samples, batch.completions
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(doc, default=str))
+
+
+def load_prepared(folder: Path, name: str):
+    from safetensors.torch import load_file
+
+    doc = json.loads((folder / f"{name}.json").read_text())
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    micro = [_from_json(mb, tensors) for mb in doc["micro_batches"]]
+    if "metrics" not in doc:
+        return micro
+    return Prepared(micro, _from_json(doc["metrics"], tensors), doc["samples"], doc["completions"])
 
 
 class Algorithm(abc.ABC):
@@ -387,7 +468,7 @@ class Engine:
         if step % self.algo.steps_per_batch:
             # Mid-batch (GRPO's num_iterations > 1): keep the batch itself, so a resumed run finishes its
             # remaining iterations on the same rollouts instead of sampling new ones.
-            torch.save(self._batch, tmp / f"prepared-{self.rank}.pt")
+            save_prepared(self._batch, tmp, f"prepared-{self.rank}")
         parallel.barrier()
         if not is_main():
             parallel.barrier()  # returns once rank 0 has put the checkpoint in place
@@ -429,15 +510,18 @@ class Engine:
             with torch.no_grad():
                 for n, t in params.items():
                     named[n].copy_(t)
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = torch.load(path / ("rng.pt" if self.world_size == 1 else f"rng-{self.rank}.pt"), weights_only=False)
+            self.optimizer.load_state_dict(_load(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(_load(path / "scheduler.pt"))
+        rng = _load(path / ("rng.pt" if self.world_size == 1 else f"rng-{self.rank}.pt"))
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if (path / "algorithm.pt").exists():
-            self.algo.load_state_dict(torch.load(path / "algorithm.pt", weights_only=False))
-        prepared = path / f"prepared-{self.rank}.pt"
-        self._batch = torch.load(prepared, weights_only=False) if prepared.exists() else None
+            self.algo.load_state_dict(_load(path / "algorithm.pt"))
+        if (path / f"prepared-{self.rank}.pt").exists():
+            raise UserError(f"{path}: its rollout batch is pickled (written by an older posttrain), which is never "
+                            "loaded; resume from a checkpoint taken at a batch boundary")
+        prepared = f"prepared-{self.rank}"
+        self._batch = load_prepared(path, prepared) if (path / f"{prepared}.json").exists() else None
         if "best" in state:
             self.best = (float(state["best"]["metric"]), int(state["best"]["step"]))
         return int(state["step"])

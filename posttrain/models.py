@@ -137,20 +137,39 @@ def load_tokenizer(name: str, tokenizer: str | None = None, trust_remote_code: b
     return tok
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(name: str, path: str) -> None:
+    """Weights are read from safetensors only: a pickle file (pytorch_model.bin, adapter_model.bin) can run
+    any code while it is read, and a model folder is often someone else's. A folder holding only pickled
+    weights gets one line saying how to convert it."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UserError(f"{name}: only pickled weights ({', '.join(pickled)}); posttrain reads safetensors only. Convert "
+                        "once where you trust the file: from_pretrained(folder).save_pretrained(folder) writes them")
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32, head: str = "lm"):
-    """`head`: 'lm' for a causal LM, 'score' for a one-output sequence classifier (reward models)."""
+    """`head`: 'lm' for a causal LM, 'score' for a one-output sequence classifier (reward models). Weights come
+    from safetensors only (`require_safetensors`); model code from the folder runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
         return _load_adapter(name, path, trust_remote_code, dtype, head)
+    require_safetensors(name, path)
     try:
         if head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True)
     except (OSError, ValueError) as e:  # ValueError: e.g. an unknown or malformed config.json
         raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
     return model
@@ -165,12 +184,13 @@ def _load_adapter(name: str, path: str, trust_remote_code: bool, dtype, head: st
     base_name = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{name}: adapter_config.json does not name its base model")
+    require_safetensors(name, path)
     base = load_model(base_name, trust_remote_code, dtype, head)
     import warnings
 
     with warnings.catch_warnings():  # as in apply_lora: peft reads a deprecated transformers flag
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(base, path).merge_and_unload()
+        return PeftModel.from_pretrained(base, path).merge_and_unload()  # safetensors: require_safetensors
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

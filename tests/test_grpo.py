@@ -576,7 +576,8 @@ def test_resume_mid_batch_finishes_the_same_rollouts(tmp_path, tiny_model_dir, d
             "log_completions=true"]
     a, d = tmp_path / "a", tmp_path / "d"
     assert cli.main(cli_args(tiny_model_dir, data, a, *base, "save_steps=1")) == 0
-    assert (a / "checkpoint-1" / "prepared-0.pt").exists()
+    # tensors + JSON, nothing pickled: a checkpoint swapped in by someone else cannot run code on resume
+    assert {f.name for f in (a / "checkpoint-1").glob("prepared-0.*")} == {"prepared-0.json", "prepared-0.safetensors"}
     (d / "checkpoint-1").mkdir(parents=True)
     for f in (a / "checkpoint-1").iterdir():
         (d / "checkpoint-1" / f.name).write_bytes(f.read_bytes())

@@ -232,12 +232,15 @@ class RewardModelReward:
     def __init__(self, path, device: str = "cpu", batch_size: int = 8, max_length: int | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from posttrain.models import require_safetensors
+
+        require_safetensors(str(path), str(path))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # the reward is read at the last token: keep the end
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model at {path} has {self.model.config.num_labels} labels, expected 1")
         if self.model.config.pad_token_id is None:  # the model finds each row's last token through it
