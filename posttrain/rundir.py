@@ -139,7 +139,10 @@ def _choose_output_dir(cfg) -> Path:
         if out.exists() and not out.is_dir():
             raise UserError(f"output_dir {out}: a file, not a folder")
         contents = run_contents(out)
-        resuming = bool(resume) and (resume != "latest" or bool(_checkpoint_steps(out)))
+        finished = any(c in WEIGHT_FILES or c.startswith("model-") for c in contents)
+        # Resuming: from a checkpoint; or `latest` in a run killed before its first checkpoint, which then starts
+        # over in its own folder (its partial logs are replaced). A finished run is never started over silently.
+        resuming = bool(resume) and (resume != "latest" or bool(_checkpoint_steps(out)) or not finished)
         if contents and not resuming:
             if not cfg.overwrite_output_dir:
                 hint = ("resume it with resume_from_checkpoint=latest, " if _checkpoint_steps(out) else "")

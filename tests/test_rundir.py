@@ -62,9 +62,6 @@ def test_unfinished_runs_saved_models_and_foreign_files(tmp_path, tiny_model_dir
     assert cli.main(sft(tiny_model_dir, data, f"output_dir={unfinished}")) == 2
     assert error(capsys) == (f"posttrain: error: output_dir {unfinished} already holds an unfinished dpo run; set "
                              "overwrite_output_dir=true to replace it, or choose another output_dir")
-    # resume=latest without a checkpoint to resume is a fresh start: refused the same way
-    assert cli.main(sft(tiny_model_dir, data, f"output_dir={unfinished}", "resume_from_checkpoint=latest")) == 2
-    capsys.readouterr()
     # Training into the folder of the model it starts from would replace that model.
     assert cli.main(sft(tiny_model_dir, data, f"output_dir={tiny_model_dir}")) == 2
     assert "already holds a saved model;" in error(capsys)
@@ -74,6 +71,15 @@ def test_unfinished_runs_saved_models_and_foreign_files(tmp_path, tiny_model_dir
     (notes / "notes.txt").write_text("keep me")
     assert cli.main(sft(tiny_model_dir, data, f"output_dir={notes}")) == 0
     assert (notes / "notes.txt").read_text() == "keep me" and (notes / "model.safetensors").exists()
+    capsys.readouterr()
+
+    # resume_from_checkpoint=latest in a run killed before its first checkpoint: it starts over there
+    assert cli.main(sft(tiny_model_dir, data, f"output_dir={unfinished}", "resume_from_checkpoint=latest")) == 0
+    assert [r["step"] for r in rows(unfinished)] == [1, 2, 3]  # the killed run's row is gone
+    # ... but a finished run without checkpoints is not started over by it
+    assert cli.main(sft(tiny_model_dir, data, f"output_dir={unfinished}", "resume_from_checkpoint=latest")) == 2
+    assert error(capsys) == (f"posttrain: error: output_dir {unfinished} already holds a finished sft run; set "
+                             "overwrite_output_dir=true to replace it, or choose another output_dir")
 
 
 def test_no_output_dir_gives_a_fresh_numbered_folder(tmp_path, tiny_model_dir, data, monkeypatch, caplog):
