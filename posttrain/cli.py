@@ -17,7 +17,8 @@ from posttrain.config import RunError, TrainConfig, UserError, describe, load_co
 # only for the command asked for.
 COMMANDS = {
     "sft": ("posttrain.algorithms.sft", "supervised fine-tuning on text, prompt-completion or conversations"),
-    "grpo": ("posttrain.algorithms.grpo", "GRPO family (GRPO, Dr. GRPO, DAPO, GSPO, GDPO, 2-GRPO) with verifiable rewards"),
+    "grpo": ("posttrain.algorithms.grpo", "GRPO family (GRPO, Dr. GRPO, DAPO, GSPO, GDPO, 2-GRPO; RLOO, REINFORCE++, ReMax) with verifiable rewards"),
+    "ppo": ("posttrain.algorithms.ppo", "PPO with a critic (separate or shared), GAE and the KL in the per-token reward; reward model and/or verifiable rewards"),
     "eval": ("posttrain.evaluate", "greedy accuracy / pass@k of a model on prompts with a verifier"),
     "dpo": ("posttrain.algorithms.dpo", "preference optimisation: DPO family, SimPO, CPO, ORPO on (prompt, chosen, rejected)"),
     "online-dpo": ("posttrain.algorithms.online_dpo", "online DPO: pairs sampled from the policy, ranked by rewards or a reward model"),

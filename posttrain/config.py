@@ -57,6 +57,13 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+def preset(cls, name: str, default: Any):
+    """Field `name` of the config class `cls` with another default, same help and choices: how a preset (`posttrain
+    ppo` on the online-RL config) changes defaults without restating what the key means."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return opt(default, f.metadata["help"], f.metadata["choices"])
+
+
 # report_to name -> (module to import, how to install it). Names as in TRL / transformers.
 TRACKERS = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),

@@ -3,8 +3,8 @@
 Each rule is a named check over the metrics rows seen so far. It fires at most once per run: `RunLog` prints
 its warning (what was seen, what it means, what to try), records `diagnostics/<name>` = 1 in that step's
 metrics.jsonl row, and the report lists it. A rule reads metrics by ROLE through a per-command table
-(`Rule.reads`): a new algorithm joins a rule by naming its own metrics there (PPO: `objective/kl` as the `kl`
-role, `objective/entropy` as `entropy`), and the check itself stays as it is. Thresholds are the
+(`Rule.reads`): a new algorithm joins a rule by naming its own metrics there (PPO: `objective/kl` per token as
+the `kl` role, `policy/entropy_avg` as `entropy`), and the check itself stays as it is. Thresholds are the
 `diagnostics.*` config keys (`posttrain.config.DiagnosticsConfig`).
 
 A reader only: nothing here feeds back into training.
@@ -211,6 +211,15 @@ def _dpo_implicit_kl(row: dict, cfg) -> float | None:
     return (abs(row["rewards/chosen"]) + abs(row["rewards/rejected"])) / (2 * cfg.beta)
 
 
+def _ppo_kl_per_token(row: dict, cfg) -> float | None:
+    """PPO logs TRL's objective/kl, nats per completion; the rule's threshold is per token. Mean KL per completion /
+    mean length = the token mean (both are means over the same completions)."""
+    kl, length = row.get("objective/kl"), row.get("completions/mean_length")
+    if kl is None or not length:
+        return None
+    return kl / length
+
+
 def _log_ratio_margin(row: dict, cfg) -> float | None:
     if getattr(cfg, "reference_free", lambda: False)() or "rewards/margins" not in row:
         return None
@@ -246,7 +255,7 @@ RULES = [
          "or raise num_generations.",
          _grpo_sparse_reward),
     Rule("kl_blowup",
-         {"grpo": {"kl": "kl"}, "ppo": {"kl": "objective/kl"}, "dpo": {"implicit": _dpo_implicit_kl},
+         {"grpo": {"kl": "kl"}, "ppo": {"kl": _ppo_kl_per_token}, "dpo": {"implicit": _dpo_implicit_kl},
           "kto": {"implicit": "kl"}},
          "KL > {kl_max} per token or x{kl_growth} within {window} steps (online); mean |log pi/ref| > "
          "{implicit_kl_max} nats per sequence (offline)",
@@ -255,7 +264,9 @@ RULES = [
          "lower the learning rate; raise beta (the KL coefficient); clip gradients harder (max_grad_norm).",
          _kl_blowup),
     Rule("length_exploit",
-         {"grpo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio", "reward": "reward"}},
+         {"grpo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio", "reward": "reward"},
+          "ppo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio",
+                  "reward": "objective/scores"}},
          "clipped ratio >= {clipped_max} and not falling, or mean length >= {length_frac} x max_completion_length "
          "and rising with the reward (over {window} steps)",
          "the policy games length: longer completions are being rewarded, or most of them are cut before they "
@@ -264,7 +275,7 @@ RULES = [
          "or raise max_completion_length.",
          _length_exploit),
     Rule("entropy_collapse",
-         {"grpo": {"entropy": "entropy"}, "ppo": {"entropy": "objective/entropy"}},
+         {"grpo": {"entropy": "entropy"}, "ppo": {"entropy": "policy/entropy_avg"}},
          "entropy below {entropy_frac} of its start (over {window} steps)",
          "the policy has become nearly deterministic: the completions of a prompt stop differing, so there is "
          "nothing left to compare and exploration stops.",
@@ -278,7 +289,7 @@ RULES = [
          "start from an instruction-tuned model or run `posttrain sft` first; or give a chat_template.",
          _orpo_without_sft),
     Rule("reward_hacking_format",
-         {"grpo": {"rewards": "rewards/*/mean"}},
+         {"grpo": {"rewards": "rewards/*/mean"}, "ppo": {"rewards": "rewards/*/mean"}},
          "a secondary reward at >= {hacking_saturation} of its best while the main (highest-weight) reward "
          "fell {hacking_drop} below its best (over {window} steps)",
          "the policy is satisfying the easy reward (e.g. the format) at the expense of the one that matters.",

@@ -33,7 +33,7 @@ import torch
 
 from posttrain import parallel
 from posttrain.config import RunError, UserError
-from posttrain.models import is_peft, unwrap
+from posttrain.models import attached, detached, is_peft, unwrap
 from posttrain.parallel import is_main, rank_world
 from posttrain.reference import Reference
 from posttrain.rundir import prepare_output_dir, storage_error
@@ -262,6 +262,9 @@ class Algorithm(abc.ABC):
     `evaluate(model, examples)`: {metric: float}, or {} when the algorithm has no eval.
     `reference`: the algorithm's reference model strategy (`posttrain.reference`); its TR-DPO sync, its
         state in checkpoints and its models' device placement go through the hooks below.
+    `learning_rate_of(name)`: another learning rate for a parameter (PPO's critic), or None.
+    Modules trained with the policy (PPO's critic) are attached to it (`posttrain.models.attach`): the engine
+    optimises and checkpoints them as the policy's own, and saves each beside the final policy.
     """
 
     steps_per_batch = 1  # optimizer steps taken on one prepared batch (GRPO: parts_per_batch x num_iterations)
@@ -273,6 +276,9 @@ class Algorithm(abc.ABC):
 
     def num_items(self, mb) -> float:
         return float(len(mb))
+
+    def learning_rate_of(self, name: str) -> float | None:
+        return None
 
     def num_tokens(self, mb) -> int:
         return int(mb.num_tokens)
@@ -326,20 +332,28 @@ def make_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(model, cfg):
-    decay, no_decay = [], []
-    for p in model.parameters():
+def make_optimizer(model, cfg, lr_of=None):
+    """AdamW over the trainable parameters: weight decay on matrices only. `lr_of(name)`: another learning rate
+    for some parameters (PPO's critic), or None for `cfg.learning_rate`; each rate gets its own groups, and the
+    schedule scales every group alike."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+            lr = (lr_of(name) if lr_of is not None else None) or cfg.learning_rate
+            groups.setdefault((p.ndim >= 2, lr), []).append(p)
+    if not groups:
         raise UserError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    rates = [cfg.learning_rate] + sorted({lr for _, lr in groups} - {cfg.learning_rate})
+    params = [p for ps in groups.values() for p in ps]
+    param_groups = [{"params": groups.get((decay, lr), []), "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr}
+                    for lr in rates for decay in (True, False)]
     # The fused kernel updates every tensor in one pass (~3x faster than the per-tensor loop torch picks by
     # default on CPU); sharded (FSDP) parameters keep the default path.
     plain = all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
-                for p in decay + no_decay)
+                for p in params)
     return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=plain or None
+        param_groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        fused=plain or None
     )
 
 
@@ -582,14 +596,36 @@ class Engine:
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                model.save_pretrained(tmp)
+                with detached(model):  # the policy alone; what is attached to it is saved next to it
+                    model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
                 names = sorted(os.listdir(tmp), key=lambda n: n.endswith((".safetensors", ".bin")))
                 for name in names:
                     os.replace(tmp / name, self.out / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        self._save_attached()
         parallel.barrier()
+
+    def _save_attached(self) -> None:
+        """Each module attached to the policy (PPO's critic): a transformers model as a folder `output_dir/NAME/`
+        (with the tokenizer), anything else as `output_dir/NAME.safetensors`. Their full weights are read inside
+        `gathered` (FSDP: every rank takes part; rank 0 writes)."""
+        from safetensors.torch import save_file
+
+        extras = attached(self.model)
+        if not extras:
+            return
+        with parallel.gathered(self.model):
+            for name, module in extras.items():
+                state = {n: p.detach().cpu().clone().contiguous() for n, p in module.named_parameters()}
+                if not is_main():
+                    continue
+                if hasattr(module, "save_pretrained"):
+                    module.save_pretrained(self.out / name, state_dict=state)
+                    self.tokenizer.save_pretrained(self.out / name)
+                else:
+                    save_file(state, str(self.out / f"{name}.safetensors"))
 
     # --- the loop ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -683,7 +719,7 @@ class Engine:
         random.seed(cfg.seed)
         self.device = parallel.place(self.model, *self.algo.models())
         parallel.wrap(self.model, cfg.distributed, cfg.bf16)  # before the optimizer: FSDP replaces the parameters
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg, self.algo.learning_rate_of)
         warmup = self.steps_of(cfg.warmup_steps) or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps, warmup)
         start = 0
@@ -764,7 +800,8 @@ class Engine:
         return TrainResult(str(self.out), step, seconds, last)
 
     def _summary(self, steps: int, seconds: float, last: dict) -> None:
-        keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "eval/accuracy") if k in last]
+        keys = [k for k in ("loss", "eval/loss", "rewards/accuracies", "reward", "objective/scores", "eval/accuracy")
+                if k in last]
         extra = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
         if self._nonfinite_total:
             extra += f"{', ' if extra else ''}{self._nonfinite_total} skipped (non-finite)"
@@ -799,7 +836,7 @@ class _Progress:
     def update(self, step: int, row: dict) -> None:
         if not self.enabled:
             return
-        keys = [k for k in ("loss", "reward", "rewards/accuracies", "eval/loss") if k in row]
+        keys = [k for k in ("loss", "reward", "objective/scores", "rewards/accuracies", "eval/loss") if k in row]
         info = "  ".join(f"{k} {row[k]:.4f}" for k in keys)
         if self.bar:
             self.bar.update(self.task, completed=step, info=info)

@@ -152,13 +152,17 @@ class TokenLogps:
     entropy      [B, T] float32 or None, entropy of the predictive distribution at t (detached unless `grad_entropy`)
     logits_mean  [B, T] float32 or None, mean logit over the vocabulary at t (detached)
     log_p2       [B, T] float32 or None, log sum_v p_v^2 at t (detached; WPO)
+    values       [B, T] float32 or None, a value head on the hidden state that predicts token t (a critic's V_t;
+                 with gradient), when the routine was given `value_head`
+    logps is None when the routine was told not to run the LM head (`logps=False`: a critic's values only).
     """
 
-    logps: torch.Tensor
+    logps: torch.Tensor | None
     mask: torch.Tensor
     entropy: torch.Tensor | None = None
     logits_mean: torch.Tensor | None = None
     log_p2: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     def sums(self) -> torch.Tensor:
         return self.logps.sum(-1)
@@ -203,10 +207,14 @@ def token_logps(
     chunk_size: int | None = None,
     with_stats: bool | tuple[str, ...] = False,
     grad_entropy: bool = False,
+    value_head=None,
+    logps: bool = True,
 ) -> TokenLogps:
     """Log-probs of the tokens where `loss_mask` is 1, computed only there (see module docstring).
     `with_stats`: True for every per-token statistic of STATS, or the names of those wanted; `grad_entropy`:
-    the entropy statistic carries a gradient (for an entropy term in a loss)."""
+    the entropy statistic carries a gradient (for an entropy term in a loss). `value_head`: a module mapping
+    hidden states [n, H] to values [n], applied to the same hidden states (PPO's critic); `logps=False` skips
+    the LM head (values only)."""
     hidden = hidden_states(model, input_ids, attention_mask, position_ids)
     mask = loss_mask.clone()
     mask[:, 0] = 0  # the first token has no prediction
@@ -214,7 +222,7 @@ def token_logps(
     h = hidden[b_idx, t_idx - 1]  # position t-1 predicts token t
     targets = input_ids[b_idx, t_idx]
     return _score(unwrap(model), h, targets, (b_idx, t_idx), mask.float(), temperature, chunk_size, with_stats,
-                  grad_entropy)
+                  grad_entropy, value_head, logps)
 
 
 STATS = ("entropy", "logits_mean", "log_p2")
@@ -231,9 +239,18 @@ def _stat_names(with_stats) -> tuple[str, ...]:
     return names
 
 
-def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats, grad_entropy=False) -> TokenLogps:
+def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats, grad_entropy=False, value_head=None,
+           logps: bool = True) -> TokenLogps:
     """The LM head on the hidden states `h` of the scored positions (`index` into `mask`'s shape), with
-    gradients when anything needs them, scattered back to a TokenLogps shaped like `mask`."""
+    gradients when anything needs them, scattered back to a TokenLogps shaped like `mask`; `value_head` on the
+    same states when given; no LM head when not `logps`."""
+
+    def scatter(values):
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(index, values)
+
+    values = None if value_head is None else scatter(value_head(h).float())
+    if not logps:
+        return TokenLogps(None, mask, values=values)
     head = base.get_output_embeddings()
     names = _stat_names(with_stats)
     if type(head) is not torch.nn.Linear:
@@ -247,11 +264,7 @@ def _score(base, h, targets, index, mask, temperature, chunk_size, with_stats, g
         with torch.no_grad():
             flat, stats = _HeadLogProb.forward(_NoCtx(), h, head.weight, head.bias, targets, temperature, chunk_size,
                                                names)
-
-    def scatter(values):
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(index, values)
-
-    out = TokenLogps(scatter(flat), mask)
+    out = TokenLogps(scatter(flat), mask, values=values)
     for row, name in enumerate(names):
         setattr(out, name, scatter(stats[row]))
     return out
@@ -438,6 +451,8 @@ def shared_prefix_token_logps(
     chunk_size: int | None = None,
     with_stats: bool | tuple[str, ...] = False,
     grad_entropy: bool = False,
+    value_head=None,
+    logps: bool = True,
 ) -> TokenLogps:
     """Completion log-probs when many rows share a prompt (a GRPO group, a DPO pair), packed without padding.
 
@@ -452,7 +467,8 @@ def shared_prefix_token_logps(
     row_prompt       [N] long: which prompt each row continues
     completion_ids   [N, Tc] right-padded; completion_mask [N, Tc] marks the scored tokens
     Returns TokenLogps aligned with `completion_ids` (entry [i, j] is about completion token j). Equal to
-    `token_logps` on the concatenated sequences within float tolerance (tested).
+    `token_logps` on the concatenated sequences within float tolerance (tested). `value_head` and `logps` as in
+    `token_logps`: a critic's values from the same forward (shared) or from its own model (separate).
 
     The layout is index arithmetic on the host from the prompt lengths and the rows' lengths (one read of the
     [N] lengths from the device), sent to the device in one transfer; the completion tokens themselves are
@@ -464,7 +480,7 @@ def shared_prefix_token_logps(
         # Kernels such as flash-attention take no arbitrary mask: score the concatenated sequences instead.
         return _concatenated_token_logps(model, prompts, row_prompt, completion_ids, completion_mask, pad_id,
                                          temperature=temperature, chunk_size=chunk_size, with_stats=with_stats,
-                                         grad_entropy=grad_entropy)
+                                         grad_entropy=grad_entropy, value_head=value_head, logps=logps)
     device = completion_ids.device
     N, Tc = completion_ids.shape
     lengths = (_prefix_ones(completion_mask) | (completion_mask > 0).long()).sum(-1).tolist()
@@ -492,7 +508,7 @@ def shared_prefix_token_logps(
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     h = hidden[0][prev[b_idx, t_idx]]
     return _score(base, h, completion_ids[b_idx, t_idx], (b_idx, t_idx), mask, temperature, chunk_size, with_stats,
-                  grad_entropy)
+                  grad_entropy, value_head, logps)
 
 
 def _prefix_ones(mask: torch.Tensor) -> torch.Tensor:
@@ -522,4 +538,5 @@ def _concatenated_token_logps(model, prompts, row_prompt, completion_ids, comple
     def take(x):
         return None if x is None else x.gather(1, idx)
 
-    return TokenLogps(take(out.logps), take(out.mask), take(out.entropy), take(out.logits_mean), take(out.log_p2))
+    return TokenLogps(take(out.logps), take(out.mask), take(out.entropy), take(out.logits_mean), take(out.log_p2),
+                      take(out.values))

@@ -356,3 +356,38 @@ def frozen_copy(model):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+ATTACHED = "posttrain_attached"  # the ModuleDict `attach` registers under the policy
+
+
+def attach(model, name: str, module: torch.nn.Module) -> None:
+    """Train `module` with the policy `model` (PPO's critic): registered under it, in a ModuleDict named ATTACHED,
+    so the optimizer, the data-parallel wrappers, device placement and checkpoints treat its parameters as the
+    policy's own; `detached` holds it out of the saved policy. Its forward is the algorithm's business."""
+    extras = model._modules.get(ATTACHED)
+    if extras is None:
+        extras = torch.nn.ModuleDict()
+        model.add_module(ATTACHED, extras)
+    extras[name] = module
+
+
+def attached(model) -> dict[str, torch.nn.Module]:
+    """The modules `attach` registered under `model`, by name."""
+    extras = model._modules.get(ATTACHED)
+    return dict(extras.items()) if extras is not None else {}
+
+
+class detached:
+    """`with detached(model):` the attached modules are taken off `model` (to save the policy alone) and put back."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.extras = self.model._modules.pop(ATTACHED, None)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.extras is not None:
+            self.model._modules[ATTACHED] = self.extras

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.config import UserError
-from posttrain.models import unwrap
+from posttrain.models import ATTACHED, unwrap
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -406,6 +406,7 @@ def full_copy(model):
     if dist.get_rank() != 0:
         return None
     full = {k.removeprefix("model."): v for k, v in full.items()}  # _Call holds the model as `model`
+    full = {k: v for k, v in full.items() if not k.startswith(ATTACHED + ".")}  # a critic: not the policy's
     base = unwrap(model)
     with torch.device("meta"):
         copy = type(base)(base.config)

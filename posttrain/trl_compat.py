@@ -150,6 +150,11 @@ ALIASES: dict[str, Alias] = {
     "f_divergence_type": Alias("f_divergence"),
     "f_alpha_divergence_coef": Alias("f_alpha"),
     "chat_template_path": Alias("chat_template"),
+    # TRL's former PPOConfig (removed from TRL; the names its users know; reward_model_path is above)
+    "num_ppo_epochs": Alias("num_iterations"),
+    "cliprange": Alias("epsilon"),
+    "response_length": Alias("max_completion_length"),
+    "sft_model_path": Alias("model"),
     # ModelConfig (LoRA: only with use_peft, see _lora)
     "lora_r": Alias("lora.r"),
     "lora_alpha": Alias("lora.alpha"),

@@ -82,7 +82,8 @@ def test_healthy_streams_fire_nothing():
     kto_rows = [{"step": s, "loss": 0.5, "kl": 0.5 + 0.01 * s, "logps/chosen": -40.0, "logps/rejected": -45.0 - 0.1 * s,
                  "rewards/margins": 0.02 * s} for s in range(1, 31)]
     assert fired("kto", kto.Config(), kto_rows) == {}
-    ppo_rows = [{"step": s, "objective/kl": 0.2 + 0.02 * s, "objective/entropy": 2.0 - 0.01 * s} for s in range(1, 41)]
+    ppo_rows = [{"step": s, "objective/kl": 0.2 + 0.02 * s, "completions/mean_length": 10.0,
+                 "policy/entropy_avg": 2.0 - 0.01 * s} for s in range(1, 41)]
     assert fired("ppo", grpo_cfg(), ppo_rows) == {}
 
 
@@ -102,9 +103,14 @@ def test_kl_blowup_online_and_offline():
     assert list(found) == ["kl_blowup"] and found["kl_blowup"] == 10  # halves 0.040 -> 0.30: x7.6 >= 5
     rows = grpo_rows(kl=lambda s: 1.5 if s == 25 else 0.02)
     assert fired("grpo", grpo_cfg(), rows) == {"kl_blowup": 25}  # above kl_max = 1 per token
-    # PPO joins through its own metric name.
-    ppo = [{"step": s, "objective/kl": 0.01 * 1.5 ** s, "objective/entropy": 2.0} for s in range(1, 41)]
+    # PPO joins through its own metric: objective/kl is nats per completion (TRL's), read per token.
+    ppo = [{"step": s, "objective/kl": 10 * 0.01 * 1.5 ** s, "completions/mean_length": 10.0,
+            "policy/entropy_avg": 2.0} for s in range(1, 41)]
     assert fired("ppo", grpo_cfg(), ppo) == {"kl_blowup": 10}
+    # 5 nats per completion of 10 tokens is 0.5 per token: below kl_max = 1, though above it per completion.
+    ppo = [{"step": s, "objective/kl": 5.0, "completions/mean_length": 10.0, "policy/entropy_avg": 2.0}
+           for s in range(1, 41)]
+    assert fired("ppo", grpo_cfg(), ppo) == {}
     # DPO: |rewards| / beta, the implicit log-ratio, above 30 nats per sequence (mean over the last 5 steps).
     rows = dpo_rows(n=15, **{"rewards/chosen": lambda s: -0.3 * s, "rewards/rejected": lambda s: -0.3 * s,
                              "rewards/margins": lambda s: 0.0})
@@ -131,7 +137,8 @@ def test_entropy_collapse():
     a tenth of that first at s = 20."""
     rows = grpo_rows(entropy=lambda s: 0.6 * 0.85**s)
     assert fired("grpo", grpo_cfg(), rows) == {"entropy_collapse": 20}
-    ppo = [{"step": s, "objective/kl": 0.1, "objective/entropy": 0.6 * 0.85**s} for s in range(1, 41)]
+    ppo = [{"step": s, "objective/kl": 0.1, "completions/mean_length": 10.0, "policy/entropy_avg": 0.6 * 0.85**s}
+           for s in range(1, 41)]
     assert fired("ppo", grpo_cfg(), ppo) == {"entropy_collapse": 20}
 
 

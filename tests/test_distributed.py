@@ -156,7 +156,15 @@ def setup(tmp_path_factory):
     grpo = ["grpo", *common, f"dataset={prompts}", "reward_funcs=dist_test_rewards:chars",
             "num_generations=4", "max_completion_length=6", "temperature=0.8", "micro_batch_size=4",
             "max_steps=2", "learning_rate=1e-2", "scale_rewards=batch", "chat_prompts=false"]
+    # PPO: a separate critic (full fine-tuning, reference copy) and LoRA with a shared critic (adapter-off
+    # reference); 2 mini-batches x 2 epochs, so each rank's mini-batch is one prompt of the global mini-batch.
+    ppo = ["ppo", *common, f"dataset={prompts}", "reward_funcs=dist_test_rewards:chars", "max_completion_length=6",
+           "temperature=0.8", "micro_batch_size=2", "max_steps=4", "learning_rate=1e-3", "chat_prompts=false",
+           "num_iterations=2", "num_mini_batches=2", "kl_coef=0.1"]
     jobs = {
+        "ppo": ppo,
+        "ppo_fsdp": ppo + ["distributed=fsdp"],
+        "ppo_lora_shared": ppo + ["critic=shared", "lora.r=4", "lora.merge=true"],
         "sft": sft,
         "dpo": dpo,
         "grpo": grpo,
@@ -204,7 +212,7 @@ def setup(tmp_path_factory):
 
 
 def test_two_processes_equal_one(setup):
-    """SFT, DPO and GRPO (DDP and FSDP2), LoRA (the adapter-off reference; saved merged or as the adapter),
+    """SFT, DPO, GRPO and PPO (DDP and FSDP2; PPO's critic separate and shared), LoRA (the adapter-off reference; saved merged or as the adapter),
     precomputed reference, KTO (z0 over both ranks) and a reward model: the 2-process runs log the same
     losses and metrics and end on the same weights as 1 process."""
     one, two = setup["one"], setup["two"]
@@ -222,16 +230,28 @@ def test_two_processes_equal_one(setup):
             keys += ["rewards/chosen", "rewards/rejected", "logps/chosen", "count/desirable", "count/undesirable"]
         if name == "rm":  # the step's extremes over both ranks
             keys += ["min_reward", "max_reward", "accuracy"]
+        if name.startswith("ppo"):  # GAE's whitening and the explained variance over the global batch
+            keys += ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
+                     "val/explained_variance", "policy/entropy_avg", "policy/approxkl_avg"]
         assert_same_rows(a, b, keys, job=name)
         # grad_norm is the norm of the SUMMED gradient: averaged over ranks (DDP's and FSDP's default) it
         # would be half as large, a difference the weights alone would hide (Adam's update ignores the scale).
         assert_same_rows(a, b, ["grad_norm"], rel=1e-4, job=name)
         file = "adapter_model.safetensors" if name == "sft_lora_fsdp" else "model.safetensors"
         assert_same_weights(weights(one[name], file), weights(two[name], file), job=name)
+        if name.startswith("ppo"):  # and the critic, saved beside the policy (a shared head has 2 tensors)
+            file = "critic.safetensors" if "shared" in name else "critic/model.safetensors"
+            a, b = weights(one[name], file), weights(two[name], file)
+            assert a.keys() == b.keys() and len(a) >= 2, name
+            for n in a:
+                assert torch.allclose(a[n], b[n], atol=1e-5, rtol=0), (name, n, float((a[n] - b[n]).abs().max()))
     # The comparisons are not vacuous: training moved the weights and the GRPO rewards differed.
     start = weights(setup["tmp"] / "model")
     assert any(not torch.allclose(start[n], w, atol=1e-4) for n, w in weights(two["dpo"]).items())
     assert all(r["reward_std"] > 0 for r in metrics(two["grpo"]))
+    assert any(not torch.allclose(start[n], w, atol=1e-5) for n, w in weights(two["ppo"]).items())
+    assert weights(two["ppo"], "critic/model.safetensors")["score.weight"].abs().max() > 0  # trained from zero
+    assert all(r["loss/value_avg"] > 0 and r["policy/approxkl_avg"] >= 0 for r in metrics(two["ppo"]))
     # One process wrote the run directory: one metrics row per step, one config, nothing from rank 1.
     assert [r["step"] for r in metrics(two["sft"]) if "loss" in r] == [1, 2, 3]
     assert (two["sft"] / "config.yaml").read_text().count("distributed: ddp") == 1

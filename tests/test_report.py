@@ -129,7 +129,7 @@ def test_overlay_colours_by_run_and_lists_the_keys_that_differ(tmp_path, grpo_ru
 
 
 def test_ppo_and_dpo_metrics_join_their_families(tmp_path):
-    ppo = [{"step": s, "objective/kl": 0.1 * s, "objective/entropy": 2 - 0.01 * s, "objective/scores": 0.1 * s,
+    ppo = [{"step": s, "objective/kl": 0.1 * s, "policy/entropy_avg": 2 - 0.01 * s, "objective/scores": 0.1 * s,
             "objective/rlhf_reward": 0.05 * s, "objective/non_score_reward": -0.01 * s, "policy/approxkl_avg": 0.01,
             "policy/clipfrac_avg": 0.1, "loss/policy_avg": -0.1, "loss/value_avg": 0.2 + 0.01 * s,
             "val/clipfrac_avg": 0.05, "val/explained_variance": 0.1 * s} for s in range(1, 6)]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from posttrain import cli
-from posttrain.algorithms import dpo, grpo, kto, online_dpo, rm, sft
+from posttrain.algorithms import dpo, grpo, kto, online_dpo, ppo, rm, sft
 from posttrain.config import LoraConfig, UserError, load_config
 from posttrain.trl_compat import (
     ALIASES,
@@ -263,6 +263,10 @@ ALIAS_CASES = {
     "lora_alpha": (sft.Config, 8, "lora", LoraConfig(alpha=8.0)),
     "lora_dropout": (sft.Config, 0.05, "lora", LoraConfig(dropout=0.05)),
     "lora_target_modules": (sft.Config, ["q_proj"], "lora", LoraConfig(target_modules=["q_proj"])),
+    "num_ppo_epochs": (ppo.Config, 2, "num_iterations", 2),
+    "cliprange": (ppo.Config, 0.1, "epsilon", 0.1),
+    "response_length": (ppo.Config, 12, "max_completion_length", 12),
+    "sft_model_path": (ppo.Config, "runs/sft", "model", "runs/sft"),
 }
 
 

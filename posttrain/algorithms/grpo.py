@@ -46,8 +46,9 @@ class Config(OnlineConfig):
 class GRPO(OnlineRL):
     """The online-RL algorithm; sampling with this module's `HFEngine` unless `make_engine` says otherwise."""
 
-    def __init__(self, cfg: Config, tokenizer, reward_funcs, prompts, reference=None, make_engine=None):
-        super().__init__(cfg, tokenizer, reward_funcs, prompts, reference, make_engine=make_engine or HFEngine)
+    def __init__(self, cfg: Config, tokenizer, reward_funcs, prompts, reference=None, make_engine=None, critic=None):
+        super().__init__(cfg, tokenizer, reward_funcs, prompts, reference, make_engine=make_engine or HFEngine,
+                         critic=critic)
 
 
 def run(cfg: Config):

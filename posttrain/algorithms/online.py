@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import TrainConfig, UserError, opt
+from posttrain.critic import KINDS as CRITICS
+from posttrain.critic import NAME as CRITIC
+from posttrain.critic import Critic
+from posttrain.critic import build as build_critic
 from posttrain.data import load_train_eval
 from posttrain.engine import Algorithm, Engine, Global, Max, Mean, Min, Prepared, Sum
 from posttrain.evaluate import evaluate_prompts
@@ -43,6 +47,7 @@ from posttrain.losses.advantages import (
     EstimatorOptions,
     adaptive_kl_coef,
     estimate_advantages,
+    masked_mean,
     sequence_scores,
     token_kl,
 )
@@ -54,8 +59,9 @@ from posttrain.losses.policy import (
     policy_loss,
     top_entropy_mask,
 )
-from posttrain.models import prepare_model
-from posttrain.parallel import all_reduce_sum, gather_rows, is_main, rank_world
+from posttrain.losses.value import explained_variance, value_loss
+from posttrain.models import ATTACHED, prepare_model
+from posttrain.parallel import all_reduce_sum, gather_rows, is_main, rank_world, routed
 from posttrain.reference import Reference, Sync, build
 from posttrain.rollout.curriculum import PassRateCurriculum, difficulty_column, group_pass_rates
 from posttrain.rollout.generate import HFEngine, pad_cat
@@ -178,6 +184,19 @@ class OnlineConfig(RolloutOptions, TrainConfig):
         "reinforce_plus_plus (batch-whitened returns per token), reinforce_plus_plus_baseline (group mean, then "
         "batch whitening), remax (greedy completion's score as baseline; one more generation per prompt).",
         tuple(ADVANTAGE_ESTIMATORS))
+    critic: str = opt("none", "Value model: none (critic-free estimators), shared (a value head on the policy's own backbone: "
+                      "one forward, no second model) or separate (a model of its own with a scalar head). gae needs one.",
+                      CRITICS)
+    value_model: str | None = opt(None, "critic: separate: the weights it starts from (a `posttrain rm` output, any "
+                                  "sequence-classification folder, or a causal LM, whose new head starts at 0). Default: "
+                                  "reward_model when given, else the policy's model.")
+    vf_coef: float = opt(0.1, "Weight of the critic's value loss in the total loss.")
+    cliprange_value: float | None = opt(0.2, "Value clipping: a value may move this far from the rollout's per update (null: "
+                                        "no clipping).")
+    critic_learning_rate: float | None = opt(None, "Learning rate of the critic's parameters (default: learning_rate).")
+    num_mini_batches: int | None = opt(None, "PPO's name for the split of a rollout: each generation samples num_mini_batches "
+                                       "x batch_size prompts and takes one optimizer step on each batch_size of them, "
+                                       "num_iterations times over (sets generation_batch_size).")
     whiten_advantages: bool | None = opt(None, "Normalise the advantages over the batch (gae, rloo, remax). Default: on for gae, "
                                          "off for rloo and remax (as TRL and veRL); grpo scales by scale_rewards and "
                                          "the reinforce_plus_plus estimators always normalise.")
@@ -235,6 +254,7 @@ class OnlineConfig(RolloutOptions, TrainConfig):
     micro_batch_size: int = opt(8, "Completions per forward/backward on one device.")
     max_prompt_length: int | None = opt(512, "Maximum prompt tokens; longer prompts keep their end.")
     command = "online"
+    metric_names = "grpo"  # the preset's metric vocabulary: TRL's GRPO names, or TRL's PPO names ("ppo")
     trl_batch_counts_completions = True  # TRL's per_device_train_batch_size counts completions (trl_compat)
 
     def validate(self) -> None:
@@ -245,6 +265,27 @@ class OnlineConfig(RolloutOptions, TrainConfig):
         if estimator.needs_groups and self.num_generations < 2:
             raise UserError(f"num_generations must be >= 2 (advantage_estimator={self.advantage_estimator} compares "
                             "the completions of one prompt)")
+        if estimator.needs_critic and self.critic == "none":
+            raise UserError(f"advantage_estimator={self.advantage_estimator} needs a critic: critic: shared or separate")
+        if not estimator.needs_critic and self.critic != "none":
+            raise UserError(f"critic: {self.critic} trains a value model that advantage_estimator="
+                            f"{self.advantage_estimator} does not use; set critic: none (or advantage_estimator: gae)")
+        if self.value_model is not None and self.critic != "separate":
+            raise UserError("value_model is where a separate critic starts from: set critic: separate")
+        if self.critic_learning_rate is not None and (self.critic == "none" or self.critic_learning_rate <= 0):
+            raise UserError("critic_learning_rate must be > 0 and needs a critic")
+        if self.vf_coef < 0 or (self.cliprange_value is not None and self.cliprange_value <= 0):
+            raise UserError("vf_coef must be >= 0 and cliprange_value > 0 (or null)")
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise UserError("dynamic_sampling keeps the groups whose rewards vary: num_generations must be >= 2")
+        if self.num_mini_batches is not None:
+            if self.num_mini_batches < 1:
+                raise UserError("num_mini_batches must be >= 1")
+            rollout = self.num_mini_batches * self.batch_size * self.num_generations
+            if self.generation_batch_size not in (None, rollout):
+                raise UserError(f"num_mini_batches {self.num_mini_batches} means generation_batch_size {rollout} "
+                                f"(x batch_size x num_generations), not {self.generation_batch_size}: set one of them")
+            self.generation_batch_size = rollout
         if self.whiten_advantages is not None and estimator.whiten_default is None:
             raise UserError(f"whiten_advantages: advantage_estimator={self.advantage_estimator} has no such option "
                             "(it applies to gae, rloo and remax)")
@@ -314,6 +355,7 @@ class RolloutBatch:
     old_logps, ref_logps  [N, T] or None, aligned with completion_ids
     entropy_mask       [N, T] 1 on the tokens the policy term trains (top_entropy_quantile < 1), or None
     entropy_tokens     the step's trained-token count over every process (the entropy bonus's mean), or None
+    values, returns    [N, T] or None: the critic's values at the rollout and its targets
     """
 
     prompts: list
@@ -325,6 +367,8 @@ class RolloutBatch:
     ref_logps: torch.Tensor | None
     entropy_mask: torch.Tensor | None = None
     entropy_tokens: float | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -383,21 +427,27 @@ class OnlineRL(Algorithm):
     """One optimizer-step batch is prepared in named steps (`prepare`):
 
         sample -> score (`rollout`), dynamic sampling's filter and further rounds (`collect`),
-        -> reference log-probs -> per-token KL rewards (`kl_rewards`) -> advantages (`advantages`)
-        -> micro-batches
+        -> micro-batches with the reference's log-probs and the critic's values (no gradient)
+        -> per-token KL rewards (`kl_rewards`) -> advantages and value targets (`advantages`)
 
-    `make_engine(model, tokenizer)` builds the `GenerationEngine` that samples (default: `HFEngine`).
+    `make_engine(model, tokenizer)` builds the `GenerationEngine` that samples (default: `HFEngine`);
+    `critic` is the value model (`posttrain.critic`), attached to the policy, when the estimator needs one.
     """
 
     def __init__(self, cfg: OnlineConfig, tokenizer, reward_funcs, prompts: list[PromptExample],
-                 reference: Reference | None = None, make_engine=None):
+                 reference: Reference | None = None, make_engine=None, critic: Critic | None = None):
         self.cfg, self.tok, self.funcs, self.prompts = cfg, tokenizer, reward_funcs, prompts
         self.reference = reference or Reference()
         if (cfg.beta > 0 or cfg.kl_coef > 0) and self.reference.strategy == "none":
             raise ValueError("beta or kl_coef > 0 needs a reference (posttrain.reference.build)")
+        self.critic = critic or Critic()
+        if self.critic.kind != cfg.critic:
+            raise ValueError(f"the config asks for critic {cfg.critic!r}, the algorithm got {self.critic.kind!r} "
+                             "(posttrain.critic.build)")
         self.make_engine = make_engine or HFEngine
         self.estimator = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator]
-        # generation_batch_size: one generation, k optimizer steps on its k slices, each num_iterations times.
+        # generation_batch_size (PPO: num_mini_batches): one generation, k optimizer steps on its k slices, each
+        # num_iterations (num_ppo_epochs) times.
         step = cfg.batch_size * cfg.num_generations
         self.parts_per_batch = (cfg.generation_batch_size or step) // step
         self.steps_per_batch = self.parts_per_batch * cfg.num_iterations
@@ -469,10 +519,10 @@ class OnlineRL(Algorithm):
         return non_score, kl.sum(-1)
 
     def advantages(self, scored: ScoredRollout, mask: torch.Tensor, non_score: torch.Tensor | None = None,
-                   values: torch.Tensor | None = None):
-        """(advantages of this rank's rows: [N] or [N, T]; value targets [N, T] or None; the rewards [N_all, R]
-        and scores [N_all] of every rank's rows). Several processes: the estimator sees the global batch (whole
-        groups per rank), so batch statistics (whitening, scale_rewards=batch, GDPO) are the global ones."""
+                   values: torch.Tensor | None = None) -> Estimated:
+        """This rank's advantages ([N] or [N, T]) and value targets, with the global statistics the metrics need.
+        Several processes: the estimator sees the global batch (whole groups per rank), so batch statistics
+        (whitening, scale_rewards=batch, GDPO) are the global ones."""
         cfg = self.cfg
         n, width = mask.shape
         all_rewards, start = gather_rows(scored.rewards)
@@ -489,7 +539,11 @@ class OnlineRL(Algorithm):
         def mine(t):
             return None if t is None else (t[start : start + n] if t.ndim == 1 else t[start : start + n, :width])
 
-        return mine(out.advantages), mine(out.returns), all_rewards, inputs.scores
+        ev = None
+        if out.returns is not None:  # how much of the targets the critic already predicted (rollout values)
+            rows = inputs.mask * inputs.scorable[:, None]
+            ev = float(explained_variance(inputs.values, out.returns, rows))
+        return Estimated(mine(out.advantages), mine(out.returns), all_rewards, inputs.scores, ev)
 
     def rollout_metrics(self, scored: ScoredRollout, rounds: list[ScoredRollout], all_rewards: torch.Tensor) -> dict:
         """TRL's reward and completion metrics of the step (see `group_stats`), plus the reward-call failures."""
@@ -498,11 +552,14 @@ class OnlineRL(Algorithm):
                             aggregation=cfg.multi_objective_aggregation, reward_weights=self.weights)
         lengths = scored.completion_mask.sum(-1).float()
         n = len(lengths)
-        m = {
+        if cfg.metric_names == "ppo":  # TRL's PPO names; no group statistics (one completion a prompt, usually)
+            m = {"objective/entropy": Mean((-scored.logps * scored.completion_mask).sum(-1).mean(), n),
+                 "val/num_eos_tokens": Sum((~scored.truncated).sum())}
+        else:
             # From every rank's rewards (gathered for the advantages): already the global batch's statistics.
-            "reward": Global(stats["reward"]),
-            "reward_std": Global(stats["reward_std"]),
-            "frac_reward_zero_std": Global(stats["frac_reward_zero_std"]),
+            m = {"reward": Global(stats["reward"]), "reward_std": Global(stats["reward_std"]),
+                 "frac_reward_zero_std": Global(stats["frac_reward_zero_std"])}
+        m |= {
             "completions/mean_length": Mean(lengths.mean(), n),
             "completions/min_length": Min(lengths.min()),
             "completions/max_length": Max(lengths.max()),
@@ -518,17 +575,25 @@ class OnlineRL(Algorithm):
             m[f"rewards/{name}/std"] = Global(col.std() if len(col) > 1 else float("nan"))  # unbiased, as TRL
         return m
 
-    def kl_metrics(self, kl_sums: torch.Tensor | None) -> dict:
-        """With a KL in the reward: TRL's PPO names for it, and the adaptive controller's step (which every rank
-        takes alike, from the global mean)."""
+    def kl_metrics(self, kl_sums: torch.Tensor | None, scores: torch.Tensor) -> dict:
+        """The scores (PPO's names) and, with a KL in the reward, TRL's PPO names for it; then the adaptive
+        controller's step (which every rank takes alike, from the global mean). `scores`: every rank's."""
         cfg = self.cfg
+        m = {}
+        valid = scores[~scores.isnan()]
+        mean_score = float(valid.mean()) if len(valid) else float("nan")
+        if cfg.metric_names == "ppo":
+            m["objective/scores"] = Global(mean_score)
+            m["objective/rlhf_reward"] = Global(mean_score)
         if cfg.kl_coef == 0 or kl_sums is None:
-            return {}
+            return m
         everyone = gather_rows(kl_sums)[0]
         mean_kl = float(everyone.mean())
-        m = {"objective/kl": Mean(kl_sums.mean(), len(kl_sums)),
-             "objective/non_score_reward": Mean(-self.kl_coef * kl_sums.mean(), len(kl_sums)),
-             "objective/kl_coef": Global(self.kl_coef)}
+        m |= {"objective/kl": Mean(kl_sums.mean(), len(kl_sums)),
+              "objective/non_score_reward": Mean(-self.kl_coef * kl_sums.mean(), len(kl_sums)),
+              "objective/kl_coef": Global(self.kl_coef)}
+        if cfg.metric_names == "ppo":  # TRL: the mean score plus the mean non-score reward
+            m["objective/rlhf_reward"] = Global(mean_score - self.kl_coef * mean_kl)
         if cfg.kl_target is not None:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, len(everyone))
         return m
@@ -572,25 +637,35 @@ class OnlineRL(Algorithm):
             parts.append(to_micro_batches(scored.select(groups), None, cfg.micro_batch_size, mask=mask[rows],
                                           old_logps=None if old is None else old[rows]))
         micro = [mb for part in parts for mb in part]
-        # The reference (beta or kl_coef > 0), scored like the policy (same temperature, same packing).
+        # The reference (beta or kl_coef > 0), scored like the policy (same temperature, same packing), and the
+        # critic's values at the rollout: the baseline of GAE and the anchor of value clipping.
+        pad = self.tok.pad_token_id
         for mb in micro:
             mb.ref_logps = self.reference.logps(model, lambda m, mb=mb: self._logps(m, mb).logps)
+            with torch.no_grad():
+                mb.values = self.critic.values(model, mb.prompts, mb.row_prompt, mb.completion_ids,
+                                               mb.completion_mask, pad)
         width = mask.shape[1]
         ref = _rows_of(micro, "ref_logps", width) if micro[0].ref_logps is not None else None
+        values = _rows_of(micro, "values", width) if micro[0].values is not None else None
         non_score, kl_sums = self.kl_rewards(scored, mask, ref)
-        advantages, _, all_rewards, _ = self.advantages(scored, mask, non_score)
-        _set_rows(micro, "advantages", advantages)
+        est = self.advantages(scored, mask, non_score, values)
+        _set_rows(micro, "advantages", est.advantages)
+        if est.returns is not None:
+            _set_rows(micro, "returns", est.returns)
         if cfg.beta == 0:  # the reference served the reward only; the loss has no KL term
             for mb in micro:
                 mb.ref_logps = None
         for part in parts:
             self._entropy_selection(model, part)
-        metrics = self.rollout_metrics(scored, rounds, all_rewards)
-        metrics.update(self.kl_metrics(kl_sums))
+        metrics = self.rollout_metrics(scored, rounds, est.all_rewards)
+        metrics.update(self.kl_metrics(kl_sums, est.scores))
+        if est.explained_variance is not None:
+            metrics["val/explained_variance"] = Global(est.explained_variance)
         if self.curriculum is not None:
             metrics.update(self.update_curriculum(rounds))
         metrics["generation_seconds"] = Max(generation_seconds)
-        per_completion = _per_completion(advantages, mask)
+        per_completion = _per_completion(est.advantages, mask)
         completions = self._completion_rows(scored, per_completion) if cfg.log_completions and is_main() else []
         samples = self._pick_samples(scored, per_completion) if is_main() else []
         metrics["prepare_seconds"] = Max(time.time() - t0)
@@ -655,9 +730,14 @@ class OnlineRL(Algorithm):
         d = loss_denominator(self.cfg.loss_type, mb.completion_mask, self.cfg.max_completion_length)
         return 1.0 if d is None else float(d)  # bnpo: a per-micro-batch mean, averaged over micro-batches
 
+    def learning_rate_of(self, name: str) -> float | None:
+        if self.cfg.critic_learning_rate is not None and name.startswith(f"{ATTACHED}.{CRITIC}."):
+            return self.cfg.critic_learning_rate
+        return None
+
     def loss(self, model, mb: RolloutBatch, total_items: float):
         cfg = self.cfg
-        out = self._logps(model, mb, with_stats=("entropy",), grad_entropy=cfg.entropy_coef > 0)
+        out = _forward(model, mb, self.tok.pad_token_id, self._temp(), self.critic, cfg.entropy_coef > 0)
         mask = out.mask
         bnpo = cfg.loss_type == "bnpo"
         loss, metrics = policy_loss(
@@ -678,9 +758,27 @@ class OnlineRL(Algorithm):
             trained = mask if mb.entropy_mask is None else mb.entropy_mask
             loss = loss - cfg.entropy_coef * entropy_bonus(out.entropy, trained, mb.entropy_tokens)
         metrics["entropy"] = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+        if cfg.metric_names == "ppo":
+            with torch.no_grad():
+                log_ratio = out.logps - (out.logps if mb.old_logps is None else mb.old_logps)
+                metrics["policy/approxkl_avg"] = 0.5 * masked_mean(log_ratio**2, mask)
+                metrics["val/ratio"] = masked_mean(log_ratio.exp(), mask)
+            metrics = {PPO_NAMES.get(k, k): v for k, v in metrics.items()}
         # Micro-batch means (over tokens, or sequences at the sequence level), weighted like the loss.
         weight = self.num_items(mb)
-        return loss, {k: Mean(v, weight) for k, v in metrics.items()}
+        out_metrics = {k: Mean(v, weight) for k, v in metrics.items()}
+        if cfg.metric_names == "ppo":
+            out_metrics["loss/policy_avg"] = Sum(loss.detach())  # the micro-batches' shares add up to the step's
+        if self.critic.kind != "none":
+            vloss, vm = value_loss(out.values, mb.values, mb.returns, mask, cliprange_value=cfg.cliprange_value,
+                                   loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                   num_items=None if bnpo else max(total_items, 1.0))
+            if bnpo:
+                vloss = vloss / total_items
+            loss = loss + cfg.vf_coef * vloss
+            out_metrics["loss/value_avg"] = Sum(vloss.detach())
+            out_metrics["val/clipfrac_avg"] = Mean(vm["clipfrac"], weight)
+        return loss, out_metrics
 
     # The sampling seeds count generation rounds: a resumed run must go on from the same round; the adaptive
     # KL coefficient goes on from where it was.
@@ -703,6 +801,32 @@ class OnlineRL(Algorithm):
 
     def evaluate(self, model, examples: list) -> dict:
         return evaluate_online(self.cfg, model, self.tok, examples, self.funcs, self.make_engine)
+
+
+# The GRPO preset's names of the loss metrics -> TRL's PPO names, for the ppo preset.
+PPO_NAMES = {"entropy": "policy/entropy_avg", "clip_ratio/region_mean": "policy/clipfrac_avg"}
+
+
+@dataclass
+class Estimated:
+    advantages: torch.Tensor  # this rank's [N] or [N, T]
+    returns: torch.Tensor | None  # this rank's value targets [N, T]
+    all_rewards: torch.Tensor  # every rank's [N_all, R]
+    scores: torch.Tensor  # every rank's [N_all]
+    explained_variance: float | None
+
+
+@routed
+def _forward(model, mb: RolloutBatch, pad_id: int, temperature: float, critic: Critic, grad_entropy: bool = False):
+    """The policy's log-probs (with the entropy) and the critic's values of one micro-batch, in ONE call through the
+    data-parallel wrapper, so DDP and FSDP see every trained parameter, the policy's and the critic's, used by one
+    forward. A shared critic's head reads the policy's own hidden states; a separate one runs its model."""
+    out = shared_prefix_token_logps(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask, pad_id,
+                                    temperature=temperature, with_stats=("entropy",), grad_entropy=grad_entropy,
+                                    value_head=critic.shared_head)
+    if critic.kind == "separate":
+        out.values = critic.values(model, mb.prompts, mb.row_prompt, mb.completion_ids, mb.completion_mask, pad_id)
+    return out
 
 
 def _per_completion(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -786,9 +910,11 @@ def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
         prompts = prompt_examples(train, tok, cfg)
         eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
         sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
-        algo = algorithm(cfg, tok, funcs, prompts, build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0, sync=sync))
+        reference = build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0, sync=sync)
+        critic = build_critic(cfg, model)  # after the reference: a frozen copy of the policy must not copy the critic
+        algo = algorithm(cfg, tok, funcs, prompts, reference, critic=critic)
         if is_main():
             log.info(f"{cfg.command}: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
-                     f"advantages {cfg.advantage_estimator}, loss {cfg.loss_type}, beta {cfg.beta}, "
-                     f"kl_coef {cfg.kl_coef}")
+                     f"advantages {cfg.advantage_estimator}, critic {critic.kind}, reference {reference.strategy}, "
+                     f"loss {cfg.loss_type}, beta {cfg.beta}, kl_coef {cfg.kl_coef}")
         return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()
