@@ -235,6 +235,9 @@ def save_prepared(batch, folder: Path, name: str) -> None:
     if isinstance(batch, Prepared):
         doc["metrics"] = _to_json(batch.metrics, tensors, "metrics")
         doc["samples"], doc["completions"] = batch.samples, batch.completions
+        if batch.parts:  # each step's micro-batches, as positions in the list (they are the same objects)
+            at = {id(mb): i for i, mb in enumerate(batch)}
+            doc["parts"] = [[at[id(mb)] for mb in part] for part in batch.parts]
     save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(doc, default=str))
 
@@ -247,7 +250,8 @@ def load_prepared(folder: Path, name: str):
     micro = [_from_json(mb, tensors) for mb in doc["micro_batches"]]
     if "metrics" not in doc:
         return micro
-    return Prepared(micro, _from_json(doc["metrics"], tensors), doc["samples"], doc["completions"])
+    parts = [[micro[i] for i in part] for part in doc["parts"]] if doc.get("parts") else None
+    return Prepared(micro, _from_json(doc["metrics"], tensors), doc["samples"], doc["completions"], parts=parts)
 
 
 class Algorithm(abc.ABC):
