@@ -1,7 +1,7 @@
 """The guard every model patch must pass: a patched path (lean MLP backward, chunked LM-head log-probs, the packed
-shared-prefix forward, packed SFT rows) must give the same numbers with gradients enabled as without, the same
-numbers and gradients as the plain model's full log-softmax, and a non-zero gradient to EVERY trainable parameter,
-LoRA adapters on every linear layer included.
+shared-prefix forward with its per-unit attention kernel or the eager block mask, packed SFT rows) must give the
+same numbers with gradients enabled as without, the same numbers and gradients as the plain model's full
+log-softmax, and a non-zero gradient to EVERY trainable parameter, LoRA adapters on every linear layer included.
 
 This is the test that would have caught lean MLP reading `down_proj.weight` under LoRA (the adapter was skipped
 while training and used while generating). A new patch adds one entry to PATHS (and a new way of wrapping
@@ -21,21 +21,25 @@ from posttrain.testing import assert_close_to_scale, tiny_model
 
 EVERY_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
-# name -> (lean_mlp, gradient checkpointing, lora target_modules or None)
+# name -> (lean_mlp, gradient checkpointing, lora target_modules or None, attention kernel). SDPA runs the
+# packed rows through `unit_attention` (posttrain's per-unit kernel), eager through a block mask.
 SETUPS = {
-    "full": (True, False, None),
-    "lora-all-linear": (True, False, "all-linear"),
-    "lora-every-linear-and-head": (True, False, EVERY_LINEAR),
-    "lora-mlp-only-checkpointed": (True, True, ["gate_proj", "up_proj", "down_proj"]),
-    "lora-down-proj": (True, False, ["q_proj", "down_proj"]),  # the reported bug
+    "full": (True, False, None, "sdpa"),
+    "full-eager": (True, False, None, "eager"),
+    "lora-all-linear": (True, False, "all-linear", "sdpa"),
+    "lora-every-linear-and-head": (True, False, EVERY_LINEAR, "sdpa"),
+    "lora-every-linear-eager": (True, False, EVERY_LINEAR, "eager"),
+    "lora-mlp-only-checkpointed": (True, True, ["gate_proj", "up_proj", "down_proj"], "sdpa"),
+    "lora-down-proj": (True, False, ["q_proj", "down_proj"], "sdpa"),  # the reported bug
 }
 
 
 def build(tokenizer, setup: str, patched: bool):
     """The tiny model of a setup, patched (lean MLP and the rest, as prepare_model does it) or stock. Both get
     the same weights, and every LoRA B a non-zero value, so an adapter that is skipped changes the output."""
-    lean, checkpointing, targets = SETUPS[setup]
+    lean, checkpointing, targets, attention = SETUPS[setup]
     model = tiny_model(tokenizer, seed=3)
+    model.config._attn_implementation = attention
     if patched and lean:
         assert lean_mlp(model) == 2
     if checkpointing:
@@ -162,6 +166,13 @@ def test_patched_path_trains_what_it_evaluates(tokenizer, setup, path):
     assert train.abs().sum() > 0
     assert_close_to_scale(train, no_grad, name=f"{path}: grad-enabled vs no-grad forward")
     assert_close_to_scale(train, plain, name=f"{path}: patched vs stock")
+
+    if path == "shared_prefix":  # the per-unit kernel (SDPA) or the block mask (eager) really ran
+        from posttrain.logprobs import UNIT_ATTENTION
+        from posttrain.models import unwrap
+
+        expected_kernel = UNIT_ATTENTION if SETUPS[setup][3] == "sdpa" else "eager"
+        assert unwrap(model).config._attn_implementation == expected_kernel
 
     grads = _backward(model, train)
     plain_grads = _backward(stock, plain)
