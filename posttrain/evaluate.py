@@ -2,7 +2,8 @@
 
     posttrain eval model=PATH dataset=DATA [reward_funcs=accuracy] [max_samples=N] [num_samples=K]
 
-Prints a table and a JSON line; with output_dir also writes eval.json and completions.jsonl there.
+Prints a table and a JSON line; with output_dir also writes eval.json and completions.jsonl there (into its
+eval/ subfolder when output_dir holds a training run: none of the run's files is replaced).
 """
 
 from __future__ import annotations
