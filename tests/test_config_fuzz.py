@@ -11,6 +11,7 @@ the key at fault, when one key is): never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -21,16 +22,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrain.algorithms import dpo, grpo, kto, rm, sft
+from posttrain.algorithms import grpo, sft
+from posttrain.cli import COMMANDS
 from posttrain.config import LoraConfig, UserError, config_fields, load_config
 from posttrain.evaluate import Config as EvalConfig
 
-settings.register_profile("cfg", max_examples=80, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("cfg-fuzz", parent=settings.get_profile("cfg"), max_examples=500, derandomize=False)
-settings.load_profile("cfg-fuzz" if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else "cfg")
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+FUZZED = settings(max_examples=500 if FUZZ else 80, derandomize=not FUZZ, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
-CONFIGS = [sft.Config, dpo.Config, kto.Config, rm.Config, grpo.Config, EvalConfig]
+# every command's config, including commands added later
+CONFIGS = [importlib.import_module(module).Config for module, _ in COMMANDS.values()]
+assert EvalConfig in CONFIGS and sft.Config in CONFIGS
 
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
@@ -100,6 +103,7 @@ def check(cls, path, overrides=()):
     return None
 
 
+@FUZZED
 @given(cls=st.sampled_from(CONFIGS), data=st.data())
 def test_fuzzed_yaml_mappings(tmp_path_factory, cls, data):
     values = data.draw(config_mapping(cls))
@@ -117,6 +121,7 @@ def test_fuzzed_yaml_mappings(tmp_path_factory, cls, data):
             assert re.match(rf"{re.escape(str(path))}:\d+: ", msg), msg
 
 
+@FUZZED
 @given(cls=st.sampled_from(CONFIGS), data=st.data(), cut=st.floats(0, 1),
        damage=st.sampled_from(["truncate", "tab", "indent", "duplicate", "binary", "anchor"]))
 def test_fuzzed_yaml_text(tmp_path_factory, cls, data, cut, damage):
@@ -143,6 +148,7 @@ def test_fuzzed_yaml_text(tmp_path_factory, cls, data, cut, damage):
         assert re.match(rf"{re.escape(str(path))}(:\d+)?: ", msg), msg
 
 
+@FUZZED
 @given(cls=st.sampled_from(CONFIGS), data=st.data())
 def test_fuzzed_overrides(tmp_path_factory, cls, data):
     """key=value on the command line: the same types, the same one-line errors."""
