@@ -514,7 +514,7 @@ def load_config(cls: type, config_file: str | None, overrides: list[str], *, wor
         # except for the keys the user set.
         for key, value in demo.items():
             if key not in values:
-                setattr(cfg, key, value)
+                setattr(cfg, key, copy.deepcopy(value))  # a block (lora) is the run's own
     cfg.validate()
     return (cfg, values) if with_translated else cfg
 

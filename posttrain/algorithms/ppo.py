@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from posttrain.algorithms import online
 from posttrain.algorithms.online import OnlineConfig, OnlineRL
-from posttrain.config import preset
+from posttrain.config import LoraConfig, preset
 
 
 @dataclass
@@ -46,9 +46,11 @@ class Config(OnlineConfig):
     learning_rate: float = preset(OnlineConfig, "learning_rate", 3e-6)
     command = "ppo"
     metric_names = "ppo"
-    # The README's PPO run: the GRPO main job's 640 sampled completions (20 rollouts of 32), LoRA, shared critic.
+    # The README's PPO run: the GRPO main job's 640 sampled completions (20 rollouts of 32 prompts, 4 epochs each),
+    # with LoRA and a shared critic: one copy of the base weights.
     demo = {"max_steps": 80, "batch_size": 32, "max_completion_length": 16, "micro_batch_size": 32,
-            "learning_rate": 1e-5, "eval_dataset": "arithmetic:split=test,n=64", "eval_batch_size": 32}
+            "learning_rate": 1e-4, "critic": "shared", "lora": LoraConfig(r=16),
+            "eval_dataset": "arithmetic:split=test,n=64", "eval_batch_size": 32}
 
 
 class PPO(OnlineRL):
