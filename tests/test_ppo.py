@@ -305,8 +305,13 @@ def test_metric_names_are_trls_ppo_names(tmp_path, tiny_model_dir, data, rewards
 def test_trl_ppo_names_are_accepted(tmp_path):
     cfg = load_config(Config, None, ["num_ppo_epochs=3", "cliprange=0.1", "response_length=12", f"output_dir={tmp_path}"])
     assert (cfg.num_iterations, cfg.epsilon, cfg.max_completion_length) == (3, 0.1, 12)
+    cfg = load_config(Config, None, [f"output_dir={tmp_path}", "dataset=prompts.jsonl"])
+    assert (cfg.advantage_estimator, cfg.critic, cfg.num_generations, cfg.kl_coef, cfg.num_iterations, cfg.lora) == \
+        ("gae", "separate", 1, 0.05, 4, None)
+    # No dataset: the built-in task with the README's PPO run (LoRA, shared critic).
     cfg = load_config(Config, None, [f"output_dir={tmp_path}"])
-    assert (cfg.advantage_estimator, cfg.critic, cfg.num_generations, cfg.kl_coef) == ("gae", "separate", 1, 0.05)
+    assert (cfg.critic, cfg.lora.r, cfg.batch_size, cfg.max_steps) == ("shared", 16, 32, 80)
+    assert load_config(Config, None, [f"output_dir={tmp_path}"]).lora is not cfg.lora  # each run its own block
 
 
 @pytest.mark.parametrize("args, message", [
