@@ -268,7 +268,8 @@ class Algorithm(abc.ABC):
         state in checkpoints and its models' device placement go through the hooks below.
     `learning_rate_of(name)`: another learning rate for a parameter (PPO's critic), or None.
     Modules trained with the policy (PPO's critic) are attached to it (`posttrain.models.attach`): the engine
-    optimises and checkpoints them as the policy's own, and saves each beside the final policy.
+    optimises and checkpoints them as the policy's own, and saves each beside the final policy (before the
+    policy's weights, which are moved in last).
     """
 
     steps_per_batch = 1  # optimizer steps taken on one prepared batch (GRPO: parts_per_batch x num_iterations)
@@ -588,6 +589,7 @@ class Engine:
 
     def save_final(self) -> None:
         model = self.model
+        extras = self._attached_states()  # every rank takes part (FSDP gathers); rank 0 gets the weights
         if parallel.is_fsdp(model):
             model = parallel.full_copy(model)  # every rank sends its shards; rank 0 gets a plain CPU copy
         if is_main():
@@ -595,41 +597,50 @@ class Engine:
                 model = model.merge_and_unload()
             elif not is_peft(model):
                 model = unwrap(model)
-            # Written beside the run, then moved in with the weights last: a run stopped while saving (a full
-            # disk, a kill) leaves no half-written model that looks like a finished one.
+            # Written beside the run, then moved in with the policy's weights last: a run stopped while saving (a
+            # full disk, a kill) leaves no half-written model that looks like a finished one.
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 with detached(model):  # the policy alone; what is attached to it is saved next to it
                     model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
-                names = sorted(os.listdir(tmp), key=lambda n: n.endswith((".safetensors", ".bin")))
-                for name in names:
+                self._write_attached(extras, tmp)
+
+                def policy_weights(n):
+                    return n.endswith((".safetensors", ".bin")) and n.split(".")[0] not in extras
+
+                for name in sorted(os.listdir(tmp), key=lambda n: (policy_weights(n), n)):
+                    if (self.out / name).is_dir():  # a critic folder left by a save that was cut short
+                        shutil.rmtree(self.out / name)
                     os.replace(tmp / name, self.out / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        self._save_attached()
         parallel.barrier()
 
-    def _save_attached(self) -> None:
-        """Each module attached to the policy (PPO's critic): a transformers model as a folder `output_dir/NAME/`
-        (with the tokenizer), anything else as `output_dir/NAME.safetensors`. Their full weights are read inside
-        `gathered` (FSDP: every rank takes part; rank 0 writes)."""
+    def _attached_states(self) -> dict:
+        """{name: (module, its full weights)} of the modules attached to the policy (PPO's critic), read inside
+        `gathered` (FSDP: every rank takes part; only rank 0 keeps the copies)."""
+        extras = attached(self.model)
+        out = {}
+        if extras:
+            with parallel.gathered(self.model):
+                for name, module in extras.items():
+                    state = {n: p.detach().cpu().clone().contiguous() for n, p in module.named_parameters()}
+                    out[name] = (module, state if is_main() else None)
+        return out
+
+    def _write_attached(self, extras: dict, folder: Path) -> None:
+        """Each attached module beside the policy: a transformers model as a folder `NAME/` (with the tokenizer),
+        anything else as `NAME.safetensors`."""
         from safetensors.torch import save_file
 
-        extras = attached(self.model)
-        if not extras:
-            return
-        with parallel.gathered(self.model):
-            for name, module in extras.items():
-                state = {n: p.detach().cpu().clone().contiguous() for n, p in module.named_parameters()}
-                if not is_main():
-                    continue
-                if hasattr(module, "save_pretrained"):
-                    module.save_pretrained(self.out / name, state_dict=state)
-                    self.tokenizer.save_pretrained(self.out / name)
-                else:
-                    save_file(state, str(self.out / f"{name}.safetensors"))
+        for name, (module, state) in extras.items():
+            if hasattr(module, "save_pretrained"):
+                module.save_pretrained(folder / name, state_dict=state)
+                self.tokenizer.save_pretrained(folder / name)
+            else:
+                save_file(state, str(folder / f"{name}.safetensors"))
 
     # --- the loop ----------------------------------------------------------------------------------
     def _autocast(self):

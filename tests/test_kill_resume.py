@@ -1,7 +1,8 @@
 """SIGKILL anywhere, then `resume_from_checkpoint=latest`: the run ends with bit-identical final weights,
 metrics.jsonl rows identical to an uninterrupted run with the same seed (timing fields aside), and
 completions.jsonl / samples.jsonl with no duplicated or missing row. For sft, dpo (reference copy, precomputed
-reference, LoRA adapter), kto, rm and grpo (num_iterations=2 with dynamic sampling).
+reference, LoRA adapter), kto, rm, grpo (num_iterations=2 with dynamic sampling) and ppo (a separate critic, 2
+mini-batches x 2 epochs a rollout, an adaptive KL coefficient; and LoRA with a shared critic): the critic too.
 
 "Anywhere" is made deterministic: the run is a fork of the test process in which one function is wrapped to
 SIGKILL the process at its n-th call (after an optimizer step, in the middle of a rollout, half-way through a
@@ -130,7 +131,11 @@ def killed_run(argv, install=None, after_seconds=None, log=None) -> int:
 
 def final_weights(out):
     name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(str(out / name))
+    weights = load_file(str(out / name))
+    for critic in ("critic.safetensors", "critic/model.safetensors"):  # PPO's, saved beside the policy
+        if (out / critic).exists():
+            weights |= {f"critic:{k}": v for k, v in load_file(str(out / critic)).items()}
+    return weights
 
 
 def lines(out, name):
@@ -197,6 +202,12 @@ def jobs(world):
                  "max_completion_length=4", "num_iterations=2", "dynamic_sampling=true", "max_sampling_rounds=2",
                  "reward_funcs=kill_rewards:chars", "log_completions=true", "learning_rate=1e-2",
                  "num_completions_to_print=2"],
+        "ppo": ["ppo", *base, f"dataset={data['prompts']}", "batch_size=2", "micro_batch_size=2", "num_mini_batches=2",
+                "max_completion_length=4", "num_iterations=2", "max_steps=8", "kl_coef=0.1", "kl_target=1",
+                "reward_funcs=kill_rewards:chars", "log_completions=true", "learning_rate=1e-2"],
+        "ppo-lora": ["ppo", *base, f"dataset={data['prompts']}", "batch_size=2", "micro_batch_size=2",
+                     "critic=shared", "lora.r=2", "max_completion_length=4", "num_iterations=2",
+                     "reward_funcs=kill_rewards:chars", "learning_rate=1e-2"],
     }
 
 
@@ -240,6 +251,10 @@ CASES = [
     ("grpo", in_checkpoint(3)),  # resumes from checkpoint-2, a batch boundary: the batch is sampled again
     ("grpo", in_checkpoint(4)),  # resumes from checkpoint-3, mid-batch: step 4 trains on the saved rollouts
     ("grpo", after_step(1)),
+    ("ppo", in_rollout(2)),  # the second rollout, after checkpoint-4
+    ("ppo", in_checkpoint(3)),  # resumes from checkpoint-2: mid-rollout, the second of its mini-batches next
+    ("ppo", in_final_save()),  # the critic is in place, the policy's weights not yet
+    ("ppo-lora", after_step(3)),
 ]
 
 

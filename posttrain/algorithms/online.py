@@ -222,7 +222,8 @@ class OnlineConfig(RolloutOptions, TrainConfig):
                                "during training.")
     ref_model_mixup_alpha: float = opt(0.6, "sync_ref_model: ref <- alpha x policy + (1 - alpha) x ref (1: a copy).")
     ref_model_sync_steps: int = opt(512, "sync_ref_model: update the reference every N optimizer steps.")
-    num_iterations: int = opt(1, "mu: optimizer steps per generated batch.")
+    num_iterations: int = opt(1, "mu: passes over each generated batch, one optimizer step per batch_size prompts "
+                              "(PPO's num_ppo_epochs).")
     loss_type: str = opt(
         "dapo",
         "Aggregations of the clipped objective: grpo (mean per sequence, then over sequences), bnpo (token mean "
