@@ -6,12 +6,16 @@ optimizer-step batch is prepared in named steps (`OnlineRL.prepare`):
     sample G completions of each prompt with the current policy (KV cache, prompt prefilled once per group)
     -> score them with the reward functions (`posttrain.rollout.groups`; DAPO's dynamic sampling filters groups)
     -> reference log-probs (when a KL term needs them) and per-token rewards: each completion's score on its last
-       token, -kl_coef * KL_t on every token (`posttrain.losses.advantages`)
-    -> advantages by the estimator `advantage_estimator` names (grpo, rloo, reinforce_plus_plus,
-       reinforce_plus_plus_baseline, remax; `ADVANTAGE_ESTIMATORS`), over the whole global batch
-    -> micro-batches for the clipped surrogate of `posttrain.losses.policy` (+ beta * k3 to the reference)
+       token, -kl_coef * KL_t on every token (`posttrain.losses.advantages`); the critic's values (`critic:
+       shared | separate`, `posttrain.critic`) when the estimator needs them
+    -> advantages by the estimator `advantage_estimator` names (gae, grpo, rloo, reinforce_plus_plus,
+       reinforce_plus_plus_baseline, remax; `ADVANTAGE_ESTIMATORS`), over the whole global batch, and with a
+       critic its value targets
+    -> micro-batches for the clipped surrogate of `posttrain.losses.policy` (+ beta * k3 to the reference),
+       plus vf_coef * the clipped value loss (`posttrain.losses.value`) with a critic
 
-then takes `num_iterations` optimizer steps on that batch. With one step the "old" policy is the current one,
+then takes `num_iterations` passes of optimizer steps over it (one step per batch_size prompts; a generation of
+several steps' prompts: `generation_batch_size`, PPO's `num_mini_batches`). With one step the "old" policy is the current one,
 so the ratio is exactly 1 and no extra forward is needed (the gradient of exp(logp - sg(logp)) is the policy
 gradient); with more, the rollout's own sampling log-probs are the old log-probs.
 
