@@ -34,6 +34,9 @@ COMMANDS = {
 TOOLS: dict[str, tuple[str, str]] = {
     "report": ("posttrain.report", "an HTML report of one run or several overlaid: curves, diagnostics, sampled completions"),
     "convert-config": ("posttrain.convert_config", "print a TRL config in posttrain's own names (TRL configs also run as they are)"),
+    "memory": ("posttrain.memory", "what a training run would hold in memory, per device, and what would make it fit"),
+    "audit": ("posttrain.audit", "check a dataset before training: lengths, truncation, duplicates, pairs, balance"),
+    "guide": ("posttrain.guide", "which method for the data you have, with its command and memory"),
 }
 
 

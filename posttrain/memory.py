@@ -1,0 +1,824 @@
+"""`posttrain memory COMMAND [key=value ...] [--json] [--budget GB]`: what a training run holds in memory, per
+device, before it runs: every component, which models are loaded and why, the total, and what would make it fit.
+
+The settings are the training command's own (`load_config` on its Config), so the defaults are the ones the run
+would use. Two settings belong to the planner: `nproc` (devices the run is spread over) and `device` (cpu or
+gpu). The micro-batch is the worst case the settings allow: every sequence at `max_length` (GRPO: prompts at
+`max_prompt_length`, completions at `max_completion_length`), since sooner or later the data brings it.
+
+How the numbers are made (posttrain keeps weights, gradients and AdamW state in float32; `bf16` is autocast):
+- weights, gradients and optimizer state: 4, 4 and 8 bytes per parameter; the parameter counts come from the
+  model's shape (`Shape.params` reproduces transformers' own count).
+- activations: what autograd keeps between forward and backward, per token and per decoder layer
+  (`layer_saved_bytes`: each term is a tensor the layer saves, verified against autograd's saved tensors in
+  tests/test_memory.py), plus the final norm, the scored positions of the chunked LM head, the rotary tables
+  and the attention masks.
+- the peak is the largest of the run's phases (`Phase`): the backward of the largest micro-batch (gradients
+  are written while activations are freed, so both are counted only as far as they coexist), the optimizer
+  step, generation (GRPO: the KV cache) and the precompute pass of the reference.
+- on CPU the total includes the runtime itself (Python, torch, transformers, the tokenizer, threads), measured
+  here (`RUNTIME_BYTES`), so it compares directly with a process's peak RSS (benchmarks/MEMORY.md). On GPUs the
+  same formulas are allocator-level estimates (what torch.cuda.max_memory_allocated would report), not
+  measured in this repository; the CUDA context comes on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.cli import ToolArgs, ToolSpec
+from posttrain.config import UserError, load_config
+
+GiB = 1 << 30
+
+# Peak RSS of a process that has imported posttrain, torch, transformers and peft, loaded a tokenizer and run
+# its first forward/backward on a tiny model: the part of every run's peak that is not tensors. Measured on
+# this machine with `python benchmarks/memory_validation.py baseline` (benchmarks/MEMORY.md).
+RUNTIME_BYTES = int(0.44 * GiB)
+
+# The CPU allocator and autograd's own bookkeeping add a little on top of the live tensors; calibrated
+# against the validation runs (benchmarks/MEMORY.md), stated as a fraction of the tensor bytes.
+CPU_OVERHEAD = 0.0
+
+# ---------------------------------------------------------------------------------------------------------
+# Model shapes
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A dense decoder (Llama, Qwen2, Mistral, SmolLM...): what the planner needs of its config.json."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    attention_bias: tuple = ()  # projections with a bias (Qwen2: q, k, v; Llama attention_bias: q, k, v, o)
+    mlp_bias: bool = False
+
+    def dims(self, module: str) -> tuple[int, int]:
+        """(in, out) features of a projection."""
+        H, q, kv, inter = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+                "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}[module]
+
+    def layer_params(self) -> int:
+        n = 2 * self.hidden  # the two RMSNorm weights
+        for m in LINEARS:
+            i, o = self.dims(m)
+            n += i * o + (o if m in self.attention_bias or (self.mlp_bias and m in LINEARS[4:]) else 0)
+        return n
+
+    def params(self, head: str = "lm") -> int:
+        """Every parameter of the model: embeddings, decoder layers, final norm, and the LM head (none when tied
+        to the embeddings) or a reward model's one-output score head."""
+        own_head = {"lm": 0 if self.tied else self.vocab * self.hidden, "score": self.hidden}[head]
+        return self.vocab * self.hidden + self.layers * self.layer_params() + self.hidden + own_head
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.params() / 1e9:.3g}B parameters, {self.layers} layers, hidden {self.hidden}, "
+                f"{self.heads} heads ({self.kv_heads} key/value), MLP {self.intermediate}, vocab {self.vocab}"
+                f"{', tied embeddings' if self.tied else ''}")
+
+
+def _preset(name, hidden, layers, heads, kv, head_dim, inter, vocab, tied, bias=()):
+    return Shape(name, hidden, layers, heads, kv, head_dim, inter, vocab, tied, bias)
+
+
+# The common sizes, with the shapes of their published config.json files.
+PRESETS = {s.name: s for s in (
+    _preset("smollm2-135m", 576, 30, 9, 3, 64, 1536, 49152, True),
+    _preset("qwen2.5-0.5b", 896, 24, 14, 2, 64, 4864, 151936, True, ("q_proj", "k_proj", "v_proj")),
+    _preset("llama-3.2-1b", 2048, 16, 32, 8, 64, 8192, 128256, True),
+    _preset("llama-3.2-3b", 3072, 28, 24, 8, 128, 8192, 128256, True),
+    _preset("qwen2.5-7b", 3584, 28, 28, 4, 128, 18944, 152064, False, ("q_proj", "k_proj", "v_proj")),
+    _preset("llama-2-7b", 4096, 32, 32, 32, 128, 11008, 32000, False),
+    _preset("llama-3.1-8b", 4096, 32, 32, 8, 128, 14336, 128256, False),
+    _preset("llama-2-13b", 5120, 40, 40, 40, 128, 13824, 32000, False),
+    _preset("llama-3.1-70b", 8192, 80, 64, 8, 128, 28672, 128256, False),
+)}
+SIZE_ALIASES = {"135m": "smollm2-135m", "0.5b": "qwen2.5-0.5b", "1b": "llama-3.2-1b", "3b": "llama-3.2-3b",
+                "7b": "qwen2.5-7b", "8b": "llama-3.1-8b", "13b": "llama-2-13b", "70b": "llama-3.1-70b"}
+
+
+def shape_from_config(name: str, cfg) -> Shape:
+    """A Shape from a transformers config object (its defaults included)."""
+    cfg = getattr(cfg, "text_config", None) or cfg
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in needed if getattr(cfg, k, None) is None]
+    if missing or getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+        raise UserError(f"model: {name}: the planner knows dense decoders with gate/up/down MLPs (Llama, Qwen2, "
+                        f"Mistral, SmolLM); this config ({getattr(cfg, 'model_type', '?')}) is not one")
+    heads = cfg.num_attention_heads
+    bias = ()
+    if getattr(cfg, "attention_bias", False):
+        bias = ("q_proj", "k_proj", "v_proj", "o_proj")
+    elif getattr(cfg, "model_type", "") == "qwen2":
+        bias = ("q_proj", "k_proj", "v_proj")
+    return Shape(name, cfg.hidden_size, cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                 getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.intermediate_size, cfg.vocab_size,
+                 bool(getattr(cfg, "tie_word_embeddings", False)), bias, bool(getattr(cfg, "mlp_bias", False)))
+
+
+def model_shape(name: str, trust_remote_code: bool = False) -> Shape:
+    """The shape of `model=`: a preset name or size (7b), the embedded default, a local folder or .gguf already
+    converted, or a hub id (its config.json only; needs internet or the hub cache)."""
+    from posttrain.models import EMBEDDED_MODEL, cache_dir, gguf_cache_name
+
+    key = name.lower()
+    if key in (EMBEDDED_MODEL, "default"):
+        return dataclasses.replace(PRESETS["smollm2-135m"], name=EMBEDDED_MODEL)
+    path = Path(name).expanduser()
+    if not path.exists() and (key in PRESETS or key in SIZE_ALIASES):
+        return PRESETS[SIZE_ALIASES.get(key, key)]
+    from transformers import AutoConfig
+
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise UserError(f"model: {name}: GGUF file not found")
+        converted = cache_dir() / "models" / gguf_cache_name(path)
+        if not (converted / "config.json").exists():
+            raise UserError(f"model: {name}: not converted yet; run any command with it once, or give its shape "
+                            f"as a preset ({', '.join(SIZE_ALIASES)})")
+        path = converted
+    if path.is_dir():
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise UserError(f"model: {name}: adapter_config.json does not name its base model")
+            return dataclasses.replace(model_shape(base, trust_remote_code), name=name)
+        if not (path / "config.json").exists():
+            raise UserError(f"model: {name}: folder has no config.json")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model: {name}: path not found (presets: {', '.join(sorted(PRESETS))}; sizes: "
+                        f"{', '.join(SIZE_ALIASES)})")
+    try:
+        if path.exists():
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        else:  # a hub id: the local hub cache first, then the network
+            try:
+                config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True)
+            except OSError:
+                config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model: {name}: no config.json ({str(e).splitlines()[0]}); presets: "
+                        f"{', '.join(sorted(PRESETS))}; sizes: {', '.join(SIZE_ALIASES)}") from None
+    return shape_from_config(name, config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a run trains, and how one micro-batch is laid out
+
+
+@dataclass(frozen=True)
+class Training:
+    """The settings that decide the per-token and per-parameter costs."""
+
+    lora_targets: tuple = ()  # projections with adapters; () = full fine-tuning
+    lora_r: int = 0
+    lean_mlp: bool = True
+    checkpointing: bool = False
+    bf16: bool = False
+
+    @property
+    def full(self) -> bool:
+        return not self.lora_targets
+
+    def trains(self, module: str) -> bool:
+        """Does `module`'s input have to be kept for a weight (or adapter) gradient?"""
+        return self.full or module in self.lora_targets
+
+    def lean(self) -> bool:
+        """The lean SwiGLU backward applies to MLPs without adapters (posttrain.models.lean_mlp)."""
+        return self.lean_mlp and not set(self.lora_targets) & {"gate_proj", "up_proj", "down_proj"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The forward of one micro-batch on one device (its worst case).
+
+    tokens    positions the decoder runs over (padding included)
+    scored    positions the LM head scores (0 for a reward model's score head)
+    rows, width  the rows of the forward and the longest one (attention masks are [rows, width, width])
+    masked    an explicit attention mask (padding, packing or shared prompts): transformers then repeats the
+              key/value heads for SDPA instead of using grouped-query attention natively
+    mask_bytes  bytes of attention masks kept for backward
+    what      the layout in words
+    """
+
+    tokens: int
+    scored: int
+    rows: int
+    width: int
+    masked: bool
+    mask_bytes: int
+    what: str
+
+
+def layer_saved_bytes(s: Shape, t: Training, masked: bool) -> int:
+    """Bytes one decoder layer keeps for backward, per token (no checkpointing).
+
+    Each term is a tensor autograd saves (tests/test_memory.py compares the sum with torch's saved-tensor hooks).
+    With e = 4 bytes (float32) or 2 (bf16 autocast), H = hidden, A = heads x head_dim, K = key/value width
+    (kv_heads x head_dim, or A when a mask makes transformers repeat the key/value heads), I = MLP width:
+      norms        residual input x and the post-attention residual (float32, 4H each), the two 1/rms
+                   factors (4 each); with full fine-tuning also the normalised x of each norm (4H each), for the
+                   norm weights' gradients
+      projection inputs  the attention input for q/k/v and the MLP input for gate/up, when one of them trains:
+                   float32 once (4H, shared); under autocast each trained projection saves its own bf16 cast (2H)
+      attention    q (eA), k and v (eK each), the output (eA, shared with o_proj's input), log-sum-exp (4 x heads)
+      LoRA         each adapter's low-rank activation (e x r); under autocast an adapter on o_proj keeps its own
+                   bf16 copy of the attention output (2A: peft casts the input to float32, autocast back)
+      MLP          lean backward: gate and up outputs (2 x eI); stock module: gate output, SiLU(gate), up
+                   output (3 x eI) and the product when down_proj trains (eI)
+    Example, SmolLM2-135M (H = A = 576, K = 192, I = 1536, 9 heads), full fine-tuning, float32, no mask:
+      4 x (6 x 576 + 2 + 576 + 2 x 192 + 576 + 9 + 2 x 1536) = 4 x 8075 = 32300 bytes per token per layer.
+    """
+    e = 2 if t.bf16 else 4
+    H, A, inter = s.hidden, s.heads * s.head_dim, s.intermediate
+    K = A if masked else s.kv_heads * s.head_dim
+    n = 2 * (4 * H + 4)  # residual inputs of the two norms and their 1/rms factors
+    if t.full:
+        n += 2 * 4 * H  # normalised inputs, for the norm weights' gradients
+
+    def inputs(mods: tuple, width: int) -> int:
+        trained = [m for m in mods if t.trains(m)]
+        if not trained:
+            return 0
+        return 2 * width * len(trained) if t.bf16 else 4 * width
+
+    n += inputs(("q_proj", "k_proj", "v_proj"), H) + inputs(("gate_proj", "up_proj"), H)
+    n += e * (A + 2 * K + A) + 4 * s.heads
+    n += e * t.lora_r * len([m for m in t.lora_targets if m in LINEARS])
+    if t.bf16 and "o_proj" in t.lora_targets:
+        n += 2 * A  # peft casts the adapter's input to float32 and autocast back: a copy of its own
+    if t.lean():
+        n += 2 * e * inter
+    else:
+        n += 3 * e * inter + (e * inter if t.trains("down_proj") else 0)
+    return n
+
+
+def bf16_weight_copies(s: Shape, t: Training) -> int:
+    """Under autocast every projection's weight is cast to bf16 and the cast kept for backward (2 bytes per
+    weight), trained or frozen; the lean MLP casts down_proj inside its own backward instead."""
+    if not t.bf16:
+        return 0
+    per_layer = sum(2 * i * o for i, o in (s.dims(m) for m in LINEARS if m != "down_proj" or not t.lean()))
+    per_layer += sum(2 * t.lora_r * sum(s.dims(m)) for m in t.lora_targets)  # the adapters' own casts
+    return s.layers * per_layer
+
+
+def mask_copies(batch: Batch, t: Training) -> int:
+    """Under autocast SDPA casts the attention mask to bf16 in every layer, and each layer keeps its cast."""
+    return 2 * batch.rows * batch.width * batch.width if (t.bf16 and batch.masked) else 0
+
+
+def auto_chunk(vocab: int) -> int:
+    from posttrain.logprobs import auto_chunk as chunk
+
+    return chunk(vocab)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands: how each training command uses memory. A new command is one entry of RECIPES.
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Sampling before the step (online methods): `rows` sequences of `length` tokens in the KV cache."""
+
+    rows: int
+    length: int
+    prompts: int  # unique prompts prefilled at once
+    prompt_length: int
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A frozen model besides the policy and its reference (a reward model, a critic)."""
+
+    name: str
+    params: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training command as the planner sees it.
+
+    module      where the command's Config lives
+    unit        what micro_batch_size counts
+    batch       cfg, shape -> the worst-case micro-batch (Batch)
+    reference   cfg -> reference strategy: none, precomputed, adapter or copy (posttrain/reference.py)
+    head        "lm" (a causal LM) or "score" (a reward model)
+    generation  cfg, nproc -> Generation or None
+    extras      cfg, shape -> frozen models besides policy and reference
+    """
+
+    module: str
+    unit: str
+    batch: Callable
+    reference: Callable = lambda cfg: "none"
+    head: str = "lm"
+    generation: Callable = lambda cfg, nproc: None
+    extras: Callable = lambda cfg, shape: []
+
+    def accumulation(self, cfg, nproc: int) -> int:
+        """Micro-batches per optimizer step on one device."""
+        per_device = cfg.batch_size // max(nproc, 1)
+        if self.unit == "completions":
+            per_device *= cfg.num_generations
+        return max(1, math.ceil(per_device / cfg.micro_batch_size))
+
+
+def _padded(rows: int, width: int, scored: int, what: str) -> Batch:
+    # Rows of different lengths carry a padding mask (transformers: [rows, 1, width, width] float32, kept for
+    # backward); rows all of one length get none.
+    masked = rows > 1
+    return Batch(rows * width, scored, rows, width, masked, 4 * rows * width * width if masked else 0, what)
+
+
+def _packed(units: list[int], budget: int, scored: int, what: str) -> Batch:
+    """Units (a prompt with its completions) packed first-fit into rows of `budget` positions (posttrain.logprobs
+    PACK_TOKENS), under one additive float32 block mask [rows, 1, L, L]."""
+    from posttrain.data.tokenize import first_fit
+
+    bins = first_fit(units, max(budget, max(units)))
+    width = max(sum(units[i] for i in b) for b in bins)
+    return Batch(sum(units), scored, len(bins), width, True, 4 * len(bins) * width * width, what)
+
+
+def sft_batch(cfg, s: Shape) -> Batch:
+    B, T = cfg.micro_batch_size, cfg.max_length
+    if cfg.packing:
+        b = _padded(B, T, B * (T - 1), f"{B} packed rows x {T} tokens")
+        return dataclasses.replace(b, masked=True, mask_bytes=5 * B * T * T)  # boolean block mask + its additive copy
+    return _padded(B, T, B * (T - 1), f"{B} sequences x {T} tokens")
+
+
+def dpo_batch(cfg, s: Shape) -> Batch:
+    from posttrain.logprobs import PACK_TOKENS
+
+    B, T = cfg.micro_batch_size, cfg.max_length
+    if cfg.shared_prefix:
+        # Worst case: a one-token prompt, so each side keeps T - 1 completion tokens: 2T - 1 positions a pair.
+        unit = 2 * T - 1
+        return _packed([unit] * B, PACK_TOKENS, 2 * B * (T - 1),
+                       f"{B} pairs, each prompt once with both completions: {B} x {unit} positions")
+    return _padded(2 * B, T, 2 * B * (T - 1), f"{B} pairs = {2 * B} sequences x {T} tokens")
+
+
+def kto_batch(cfg, s: Shape) -> Batch:
+    B, T = cfg.micro_batch_size, cfg.max_length
+    return _padded(B, T, B * (T - 1), f"{B} examples x {T} tokens")
+
+
+def rm_batch(cfg, s: Shape) -> Batch:
+    B, T = cfg.micro_batch_size, cfg.max_length
+    return _padded(2 * B, T, 0, f"{B} pairs = {2 * B} sequences x {T} tokens")
+
+
+def grpo_batch(cfg, s: Shape) -> Batch:
+    from posttrain.logprobs import PACK_TOKENS
+
+    N, G, C = cfg.micro_batch_size, cfg.num_generations, cfg.max_completion_length
+    P = cfg.max_prompt_length or cfg.max_length
+    prompts = math.ceil(N / G) + (1 if N % G and N > 1 else 0)  # a micro-batch can straddle two groups
+    per_prompt = [min(G, N)] * prompts
+    per_prompt[-1] = max(1, N - sum(per_prompt[:-1])) if prompts > 1 else N
+    units = [P + k * C for k in per_prompt]
+    return _packed(units, PACK_TOKENS, N * C, f"{N} completions x {C} tokens after {prompts} prompt(s) x {P} tokens")
+
+
+def grpo_generation(cfg, nproc: int) -> Generation:
+    prompts = max(1, cfg.batch_size // max(nproc, 1))
+    P = cfg.max_prompt_length or cfg.max_length
+    return Generation(prompts * cfg.num_generations, P + cfg.max_completion_length, prompts, P)
+
+
+def _offline_reference(cfg) -> str:
+    if getattr(cfg, "reference_free", lambda: False)():
+        return "none"
+    if cfg.precompute_ref_log_probs:
+        return "precomputed"
+    if cfg.ref_model:
+        return "copy"
+    return "adapter" if cfg.lora is not None else "copy"
+
+
+def _grpo_reference(cfg) -> str:
+    if cfg.beta <= 0:
+        return "none"
+    return "adapter" if cfg.lora is not None else "copy"
+
+
+def _grpo_extras(cfg, s: Shape) -> list[Extra]:
+    funcs = cfg.reward_funcs or (["reward_model"] if cfg.reward_model else [])
+    if "reward_model" not in funcs or not cfg.reward_model:
+        return []
+    why = f"scores completions (reward_model={cfg.reward_model})"
+    if Path(cfg.reward_model).expanduser().exists():
+        rm = model_shape(cfg.reward_model, cfg.trust_remote_code)
+    else:  # not trained yet (or on another machine): a reward model is usually trained from the policy's base
+        rm, why = s, why + "; not found here, assumed the policy's shape"
+    return [Extra("reward model", rm.params("score"), why)]
+
+
+RECIPES: dict[str, Recipe] = {
+    "sft": Recipe("posttrain.algorithms.sft", "sequences", sft_batch),
+    "dpo": Recipe("posttrain.algorithms.dpo", "pairs", dpo_batch, _offline_reference),
+    "kto": Recipe("posttrain.algorithms.kto", "examples", kto_batch, _offline_reference),
+    "rm": Recipe("posttrain.algorithms.rm", "pairs", rm_batch, head="score"),
+    "grpo": Recipe("posttrain.algorithms.grpo", "completions", grpo_batch, _grpo_reference,
+                   generation=grpo_generation, extras=_grpo_extras),
+}
+# The reference-free preference losses, by name: `posttrain memory simpo` is `posttrain memory dpo loss_type=simpo`.
+ALIASES = {"simpo": ("dpo", "loss_type=simpo"), "cpo": ("dpo", "loss_type=cpo"), "orpo": ("dpo", "loss_type=orpo")}
+
+REFERENCE_NOTES = {
+    "none": "no reference model",
+    "precomputed": "precomputed log-probs (one pass before training, cached on disk): no reference model in memory",
+    "adapter": "the policy with its LoRA adapter disabled: no second copy of the weights",
+    "copy": "a frozen copy of the weights",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """Memory of one run on one device. `components` hold what is live at the peak (they add up to `total`);
+    `sizes` the full size of each; `phases` the total of every phase, the peak being the largest."""
+
+    command: str
+    shape: Shape
+    device: str
+    nproc: int
+    settings: list
+    models: list  # (name, why)
+    batch: Batch
+    accumulation: int
+    components: dict
+    sizes: dict
+    phases: dict
+    peak_phase: str
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    def to_json(self) -> dict:
+        return {
+            "command": self.command, "model": self.shape.name, "parameters": self.shape.params(),
+            "device": self.device, "nproc": self.nproc, "settings": self.settings,
+            "total_bytes": self.total, "components": self.components, "sizes": self.sizes,
+            "peak_phase": self.peak_phase, "phases": self.phases,
+            "models": [{"name": n, "why": w} for n, w in self.models],
+            "micro_batch": {**dataclasses.asdict(self.batch), "accumulation": self.accumulation},
+            "notes": self.notes,
+        }
+
+
+def resolve(command: str, settings: list[str], config_file: str | None = None):
+    """(recipe, config, nproc, device) for `posttrain memory COMMAND settings`."""
+    if command in ALIASES:
+        command, extra = ALIASES[command]
+        settings = [extra] + list(settings)
+    if command not in RECIPES:
+        names = ", ".join(list(RECIPES) + list(ALIASES))
+        raise UserError(f"memory: unknown command '{command}' (one of: {names})")
+    own, rest = {}, []
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key in ("nproc", "device"):
+            own[key] = value
+        else:
+            rest.append(item)
+    try:
+        nproc = int(own.get("nproc", "1"))
+    except ValueError:
+        raise UserError(f"nproc: expected an integer, got {own['nproc']!r}") from None
+    if nproc < 1:
+        raise UserError("nproc must be >= 1")
+    device = own.get("device") or _default_device()
+    if device not in ("cpu", "gpu"):
+        raise UserError(f"device: {device!r} is not one of cpu, gpu")
+    import importlib
+
+    recipe = RECIPES[command]
+    cfg = load_config(importlib.import_module(recipe.module).Config, config_file, rest)
+    return command, recipe, cfg, nproc, device
+
+
+def _default_device() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def plan(command: str, settings: list[str], config_file: str | None = None) -> Plan:
+    command, recipe, cfg, nproc, device = resolve(command, settings, config_file)
+    shape = model_shape(cfg.model, cfg.trust_remote_code)
+    return estimate(command, recipe, cfg, shape, nproc, device, settings)
+
+
+def training_of(cfg, shape: Shape) -> Training:
+    if cfg.lora is None:
+        return Training(lean_mlp=cfg.lean_mlp, checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16)
+    unknown = [m for m in cfg.lora.target_modules if m not in LINEARS]
+    if unknown:
+        raise UserError(f"lora.target_modules: {', '.join(unknown)} not found in the model (it has {', '.join(LINEARS)})")
+    return Training(tuple(cfg.lora.target_modules), cfg.lora.r, cfg.lean_mlp, cfg.gradient_checkpointing, cfg.bf16)
+
+
+def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device: str = "cpu",
+             settings: list | None = None) -> Plan:
+    """Every component of the run's memory on one device, by phase (see the module docstring)."""
+    t = training_of(cfg, s)
+    fsdp = nproc > 1 and cfg.distributed == "fsdp"
+    shard = nproc if fsdp else 1
+    N = s.params(recipe.head)
+    H, V, L = s.hidden, s.vocab, s.layers
+
+    # --- parameters ----------------------------------------------------------------------------------
+    if t.full:
+        trainable, frozen = N, 0
+    else:
+        per_layer = sum(t.lora_r * sum(s.dims(m)) for m in t.lora_targets)
+        trainable = L * per_layer + (2 * H if recipe.head == "score" else 0)  # peft: the score head trains (+ its saved copy)
+        frozen = N
+    models = [("policy", f"{N / 1e6:,.1f}M parameters, " + (
+        "every one trained (full fine-tuning)" if t.full else
+        f"frozen, with LoRA r={t.lora_r} on {', '.join(t.lora_targets)} ({trainable / 1e6:,.2f}M trained)"))]
+    strategy = recipe.reference(cfg)
+    ref_params = 0
+    if strategy == "copy":
+        ref_params = model_shape(cfg.ref_model, cfg.trust_remote_code).params() if getattr(cfg, "ref_model", None) else N
+        why = f"ref_model={cfg.ref_model}" if getattr(cfg, "ref_model", None) else REFERENCE_NOTES["copy"]
+        if not t.full and not getattr(cfg, "ref_model", None):
+            why += " of the base model"
+        models.append(("reference", why + ("; held whole on every device" if fsdp else "")))
+    elif strategy != "none":
+        models.append(("reference", REFERENCE_NOTES[strategy]))
+    extras = recipe.extras(cfg, s)
+    models += [(x.name, f"{x.params / 1e6:,.1f}M parameters, frozen: {x.why}") for x in extras]
+
+    sizes: dict[str, int] = {}
+    sizes["trainable weights"] = 4 * trainable // shard
+    if frozen:
+        sizes["frozen weights: policy base"] = 4 * frozen // shard
+    if ref_params:
+        sizes["frozen weights: reference"] = 4 * ref_params
+    for x in extras:
+        sizes[f"frozen weights: {x.name}"] = 4 * x.params
+    sizes["optimizer state (AdamW)"] = 8 * trainable // shard
+    grads = 4 * trainable // shard
+    sizes["gradients"] = grads
+    weight_copies = bf16_weight_copies(s, t) // shard
+    if weight_copies:
+        sizes["bf16 weight copies"] = weight_copies
+    if fsdp:
+        # One block gathered for compute and the next prefetched, plus the root unit (embeddings, final norm,
+        # head) while it runs; in bf16 on GPUs the gathers are bf16.
+        e = 2 if (cfg.bf16 and device == "gpu") else 4
+        root = V * H * (1 if s.tied or recipe.head == "score" else 2) + H
+        sizes["FSDP gathered parameters"] = e * (2 * s.layer_params() + root)
+    if nproc > 1 and not fsdp and trainable:
+        sizes["DDP gradient buckets"] = grads  # DDP copies gradients into its own flat buckets
+    static = {k: v for k, v in sizes.items() if k != "gradients"}
+
+    # --- one micro-batch -----------------------------------------------------------------------------
+    batch = recipe.batch(cfg, s)
+    acc = recipe.accumulation(cfg, nproc)
+    T, S = batch.tokens, batch.scored
+    per_layer = layer_saved_bytes(s, t, batch.masked) * T + mask_copies(batch, t)
+    if t.checkpointing:
+        kept, recomputed = 4 * H * T, per_layer  # each layer keeps its input; backward rebuilds one layer at a time
+    else:
+        kept, recomputed = per_layer, 0
+    rotary = 2 * 4 * s.head_dim * T
+    final_norm = (4 * H + 4 + (4 * H if t.full else 0)) * T
+    head_in = (4 * H + 16) * S  # the scored positions' hidden states, their log-sum-exp, target and log-prob
+    other = rotary + final_norm + head_in + batch.mask_bytes
+    activations = L * kept + recomputed + other
+    sizes["activations"] = activations
+    if S:
+        c = min(auto_chunk(V), S)
+        chunks = 2 * 4 * c * V + 4 * H * S  # two [chunk, vocab] float32 buffers and the hidden-state gradient
+        sizes["logits / log-prob chunks"] = chunks
+    else:
+        chunks = 0
+    # Gradient buffers flowing through one layer's backward: the lean MLP rebuilds its activation and four
+    # [tokens, MLP] gradients; attention its q/k/v gradients.
+    working = 4 * T * (5 * s.intermediate + 4 * H)
+    sizes["backward buffers (one layer)"] = working
+
+    # Gradients by where they are written: the LM head first (tied: the embedding matrix), then layer by layer.
+    head_trainable = t.full and recipe.head == "lm"
+    g_head = 4 * V * H // shard if head_trainable else 0
+    g_layer = (grads - g_head) / L if trainable else 0
+    phases: dict[str, dict[str, int]] = {}
+    if acc > 1 or not trainable:
+        # From the second micro-batch of a step on, every gradient exists while activations build up.
+        live_grads, live_acts = grads, activations
+    else:
+        # One micro-batch a step: each layer's gradients are written as its activations are freed, so the peak
+        # holds L x max(kept, layer gradients) (at the start of backward when activations are the larger).
+        if kept >= g_layer:
+            live_grads, live_acts = g_head, activations
+        else:
+            live_grads, live_acts = grads, recomputed + other
+    train_phase = {**static, "gradients": int(live_grads), "activations": int(live_acts),
+                   "logits / log-prob chunks": chunks, "backward buffers (one layer)": working}
+    phases["forward and backward"] = train_phase
+    step = {**static, "gradients": grads}
+    if trainable and t.full and s.tied and recipe.head == "lm":
+        step["backward buffers (one layer)"] = 4 * V * H // shard  # the embedding's dense gradient, added to the head's
+    phases["optimizer step"] = step
+
+    gen = recipe.generation(cfg, nproc)
+    if gen is not None:
+        kv = 2 * L * s.kv_heads * s.head_dim * 4 * gen.rows * gen.length
+        sizes["KV cache (generation)"] = kv
+        # Prefill: one layer's no-grad temporaries over the prompts; decoding: a few [rows, vocab] float32 tensors.
+        prefill = 4 * gen.prompts * gen.prompt_length * (3 * s.intermediate + 2 * s.heads * s.head_dim + 2 * H)
+        sampling = 5 * 4 * gen.rows * V
+        phases["generation"] = {**static, "KV cache (generation)": kv, "backward buffers (one layer)": max(prefill, sampling)}
+    if strategy == "precomputed":
+        # Before training: no optimizer state yet; the reference scores eval_batch_size examples at a time.
+        rows = cfg.eval_batch_size * (2 if command == "dpo" else 1)
+        fwd = 4 * rows * cfg.max_length * (3 * s.intermediate + 4 * H) + 3 * 4 * auto_chunk(V) * V
+        pre = {k: v for k, v in static.items() if not k.startswith("optimizer")}
+        if getattr(cfg, "ref_model", None):
+            pre["frozen weights: reference"] = 4 * model_shape(cfg.ref_model, cfg.trust_remote_code).params()
+        pre["backward buffers (one layer)"] = fwd
+        phases["reference precompute"] = pre
+
+    runtime = RUNTIME_BYTES if device == "cpu" else 0
+    for p in phases.values():
+        tensors = sum(p.values())
+        if device == "cpu" and CPU_OVERHEAD:
+            p["allocator overhead"] = int(CPU_OVERHEAD * tensors)
+        if runtime:
+            p["runtime (Python, torch, tokenizer)"] = runtime
+    if runtime:
+        sizes["runtime (Python, torch, tokenizer)"] = runtime
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    components = {k: int(v) for k, v in phases[peak_phase].items() if v}
+    notes = []
+    if device == "gpu":
+        notes.append("GPU figures are allocator-level estimates (torch.cuda.max_memory_allocated), not measured in this "
+                     "repository; the CUDA context (~0.5 GiB) comes on top")
+    return Plan(command, s, device, nproc, list(settings or []), models, batch, acc,
+                components, {k: int(v) for k, v in sizes.items()},
+                {k: int(sum(v.values())) for k, v in phases.items()}, peak_phase, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What would make it fit
+
+
+@dataclass
+class Change:
+    setting: str  # key=value (or several) added to the run's settings
+    cost: str
+    total: int
+    fits: bool
+
+
+def fit_changes(command: str, settings: list[str], budget_bytes: int, config_file: str | None = None,
+                shape: Shape | None = None) -> list[Change]:
+    """The changes that bring the run under `budget_bytes`, in order (LoRA, precompute, checkpointing, a
+    smaller micro-batch, FSDP over more devices), each added to those before it; stops at the first that fits."""
+    command, recipe, cfg, nproc, _ = resolve(command, settings, config_file)
+    shape = shape or model_shape(cfg.model, cfg.trust_remote_code)
+    current = list(settings)
+    out: list[Change] = []
+
+    def total(extra: list[str]):
+        _, rec, c, n, d = resolve(command, current + extra, config_file)
+        return estimate(command, rec, c, shape, n, d, current + extra).total, c
+
+    def add(extra: list[str], cost: str) -> bool:
+        t, _ = total(extra)
+        current.extend(extra)
+        out.append(Change(" ".join(extra), cost, t, t <= budget_bytes))
+        return t <= budget_bytes
+
+    if cfg.lora is None and add(["lora.r=16"], "trains low-rank adapters instead of every weight"):
+        return out
+    _, cfg = total([])
+    if recipe.reference(cfg) == "copy" and hasattr(cfg, "precompute_ref_log_probs") and add(
+            ["precompute_ref_log_probs=true"], "same result; one scoring pass before training, no reference kept"):
+        return out
+    if not cfg.gradient_checkpointing and add(["gradient_checkpointing=true"], "same result; about 30% slower"):
+        return out
+    mb = cfg.micro_batch_size
+    if mb > 1:
+        sizes = [mb // 2 ** k for k in range(1, mb.bit_length()) if mb // 2 ** k >= 1]
+        pick = next((m for m in sizes if total([f"micro_batch_size={m}"])[0] <= budget_bytes), sizes[-1])
+        if add([f"micro_batch_size={pick}"], f"same result (more accumulation, batch_size stays {cfg.batch_size}); slower"):
+            return out
+    start = max(2, 2 * nproc) if cfg.distributed == "fsdp" else 2
+    n = start
+    while n <= 1024:
+        t, _ = total(["distributed=fsdp", f"nproc={n}"])
+        if t <= budget_bytes or n == 1024:
+            add(["distributed=fsdp", f"nproc={n}"], f"weights, gradients and AdamW state sharded over {n} devices")
+            break
+        n *= 2
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def render(p: Plan, changes: list[Change] | None = None, budget: float | None = None) -> str:
+    where = "the CPU" if p.device == "cpu" else "one GPU"
+    devices = f"one process on {where}" if p.nproc == 1 else f"per device, {p.nproc} processes ({'GPUs' if p.device == 'gpu' else 'CPU'})"
+    per_step = f"{p.accumulation} micro-batch{'es' if p.accumulation > 1 else ''} per optimizer step"
+    lines = [f"posttrain memory {p.command}: {p.shape.describe()}",
+             f"{devices}; micro-batch: {p.batch.what} (worst case at the length limits), {per_step}", "",
+             "models in memory"]
+    lines += [f"  {name:<12}{why}" for name, why in p.models]
+    lines += ["", f"  {'component':<40}{'at peak':>12}{'full size':>13}"]
+    for name, size in p.sizes.items():
+        live = p.components.get(name, 0)
+        lines.append(f"  {name:<40}{_gib(live):>12}{_gib(size):>13}")
+    for name, live in p.components.items():
+        if name not in p.sizes:
+            lines.append(f"  {name:<40}{_gib(live):>12}{'':>13}")
+    lines.append(f"  {'total':<40}{_gib(p.total):>12}   peak phase: {p.peak_phase}")
+    lines.append("  phases: " + ", ".join(f"{k} {_gib(v)}" for k, v in p.phases.items()))
+    lines += [f"  note: {n}" for n in p.notes]
+    if budget is not None:
+        lines += ["", f"budget {budget:g} GiB: " + ("fits as it is" if p.total <= budget * GiB else
+                                                   "does not fit; what would make it fit (each change added to those above it):")]
+        for c in changes or []:
+            lines.append(f"  {c.setting:<40}{_gib(c.total):>12}   {'fits' if c.fits else '':<5} {c.cost}")
+        if changes and not changes[-1].fits:
+            lines.append("  still over the budget: the model itself is too large for one device of this size")
+    return "\n".join(lines)
+
+
+TOOL = ToolSpec(
+    usage="posttrain memory COMMAND [key=value ...] [--json] [--budget GB]",
+    positionals=(1, 1),
+    flags={"--json": bool, "--budget": float},
+    help=f"""COMMAND: {', '.join(list(RECIPES) + list(ALIASES))} (simpo, cpo, orpo: dpo with that loss_type).
+Settings are the training command's own keys, with its defaults (model=, lora.r=16, micro_batch_size=2,
+max_length=1024, bf16=true, gradient_checkpointing=true, precompute_ref_log_probs=true, distributed=fsdp, ...),
+plus two of the planner's:
+  nproc=N        devices the run is spread over (default 1)
+  device=cpu|gpu where it runs (default: gpu when CUDA is available); on the CPU the total includes the
+                 runtime's own memory, so it compares with a process's peak RSS
+model= takes a local folder, a converted .gguf, a hub id (its config.json), or a preset:
+  {', '.join(sorted(PRESETS))}
+  (sizes: {', '.join(f'{k}={v}' for k, v in SIZE_ALIASES.items())})
+--json     one JSON object: total_bytes, components (name -> bytes live at the peak), sizes, phases, models
+--budget GB  the memory of one device, in GiB: if the run does not fit, the changes that would make it fit""",
+)
+
+
+def main(args: ToolArgs) -> int:
+    command = args.positionals[0]
+    p = plan(command, args.settings, args.config_file)
+    budget = args.flags.get("--budget")
+    changes = None
+    if budget is not None:
+        if budget <= 0:
+            raise UserError("--budget: expected a positive number of GiB")
+        changes = [] if p.total <= budget * GiB else fit_changes(command, args.settings, int(budget * GiB),
+                                                                 args.config_file, p.shape)
+    if args.flags.get("--json"):
+        out = p.to_json()
+        if budget is not None:
+            out["budget"] = {"bytes": int(budget * GiB), "fits": p.total <= budget * GiB,
+                             "changes": [dataclasses.asdict(c) for c in changes or []]}
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        print(render(p, changes, budget))
+    return 0
