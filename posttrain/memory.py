@@ -2,9 +2,11 @@
 device, before it runs: every component, which models are loaded and why, the total, and what would make it fit.
 
 The settings are the training command's own (`load_config` on its Config), so the defaults are the ones the run
-would use. Two settings belong to the planner: `nproc` (devices the run is spread over) and `device` (cpu or
-gpu). The micro-batch is the worst case the settings allow: every sequence at `max_length` (GRPO: prompts at
-`max_prompt_length`, completions at `max_completion_length`), since sooner or later the data brings it.
+would use. Three settings belong to the planner: `nproc` (devices the run is spread over), `device` (cpu or gpu)
+and `lengths`. The micro-batch is the largest the run can meet: its data's longest examples together, tokenized
+and truncated as training does (`lengths=data`, when the data is a local file or built-in task and the
+tokenizer is at hand), else every sequence at the length limits (`max_length`; GRPO: prompts at
+`max_prompt_length`, completions at `max_completion_length`).
 
 How the numbers are made (posttrain keeps weights, gradients and AdamW state in float32; `bf16` is autocast):
 - weights, gradients and optimizer state: 4, 4 and 8 bytes per parameter; the parameter counts come from the
@@ -13,7 +15,7 @@ How the numbers are made (posttrain keeps weights, gradients and AdamW state in 
   (`layer_saved_bytes`: each term is a tensor the layer saves, verified against autograd's saved tensors in
   tests/test_memory.py), plus the final norm, the scored positions of the chunked LM head, the rotary tables
   and the attention masks.
-- the peak is the largest of the run's phases (`Phase`): the backward of the largest micro-batch (gradients
+- the peak is the largest of the run's phases: the backward of the largest micro-batch (gradients
   are written while activations are freed, so both are counted only as far as they coexist), the optimizer
   step, generation (GRPO: the KV cache) and the precompute pass of the reference.
 - on CPU the total includes the runtime itself (Python, torch, transformers, the tokenizer, threads), measured
@@ -25,6 +27,7 @@ How the numbers are made (posttrain keeps weights, gradients and AdamW state in 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import sys
@@ -39,12 +42,8 @@ GiB = 1 << 30
 
 # Peak RSS of a process that has imported posttrain, torch, transformers and peft, loaded a tokenizer and run
 # its first forward/backward on a tiny model: the part of every run's peak that is not tensors. Measured on
-# this machine with `python benchmarks/memory_validation.py baseline` (benchmarks/MEMORY.md).
-RUNTIME_BYTES = int(0.44 * GiB)
-
-# The CPU allocator and autograd's own bookkeeping add a little on top of the live tensors; calibrated
-# against the validation runs (benchmarks/MEMORY.md), stated as a fraction of the tensor bytes.
-CPU_OVERHEAD = 0.0
+# this machine with `python benchmarks/memory_validation.py baseline` (0.378 GiB; benchmarks/MEMORY.md).
+RUNTIME_BYTES = int(0.38 * GiB)
 
 # ---------------------------------------------------------------------------------------------------------
 # Model shapes
@@ -322,11 +321,11 @@ class Recipe:
 
     module      where the command's Config lives
     unit        what micro_batch_size counts
-    batch       cfg, shape -> the worst-case micro-batch (Batch)
+    batch       cfg, shape, data -> the largest micro-batch (Batch); data: per-example lengths or None
     reference   cfg -> reference strategy: none, precomputed, adapter or copy (posttrain/reference.py)
     head        "lm" (a causal LM) or "score" (a reward model)
-    generation  cfg, nproc -> Generation or None
-    extras      cfg, shape -> frozen models besides policy and reference
+    generation  cfg, nproc, data -> Generation or None
+    extras      cfg, shape -> frozen models besides policy and reference (a reward model; PPO's critic)
     """
 
     module: str
@@ -334,7 +333,7 @@ class Recipe:
     batch: Callable
     reference: Callable = lambda cfg: "none"
     head: str = "lm"
-    generation: Callable = lambda cfg, nproc: None
+    generation: Callable = lambda cfg, nproc, data=None: None
     extras: Callable = lambda cfg, shape: []
 
     def accumulation(self, cfg, nproc: int) -> int:
@@ -345,10 +344,11 @@ class Recipe:
         return max(1, math.ceil(per_device / cfg.micro_batch_size))
 
 
-def _padded(rows: int, width: int, scored: int, what: str) -> Batch:
-    # Rows of different lengths carry a padding mask (transformers: [rows, 1, width, width] float32, kept for
-    # backward); rows all of one length get none.
-    masked = rows > 1
+def _padded(rows: int, width: int, scored: int, what: str, uneven: bool = True) -> Batch:
+    """Right-padded rows. Rows of different lengths carry a padding mask (transformers: [rows, 1, width, width]
+    float32, kept for backward, and the key/value heads repeated); rows all of one length get none, which only
+    data whose every example has one length guarantees (`uneven` False)."""
+    masked = rows > 1 and uneven
     return Batch(rows * width, scored, rows, width, masked, 4 * rows * width * width if masked else 0, what)
 
 
@@ -362,18 +362,40 @@ def _packed(units: list[int], budget: int, scored: int, what: str) -> Batch:
     return Batch(sum(units), scored, len(bins), width, True, 4 * len(bins) * width * width, what)
 
 
-def sft_batch(cfg, s: Shape) -> Batch:
+def _longest(values: list, n: int, key=None) -> list:
+    return sorted(values, key=key, reverse=True)[:n]
+
+
+# Each batch function gives the worst micro-batch: at the length limits (`data` None), or the longest examples of
+# the run's own data together (`data`: per-example lengths after truncation, from `data_lengths`).
+
+
+def sft_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     B, T = cfg.micro_batch_size, cfg.max_length
-    if cfg.packing:
+    if cfg.packing:  # packed rows fill max_length whatever the data
         b = _padded(B, T, B * (T - 1), f"{B} packed rows x {T} tokens")
         return dataclasses.replace(b, masked=True, mask_bytes=5 * B * T * T)  # boolean block mask + its additive copy
+    if data:
+        top = _longest(data, B)
+        return _padded(len(top), top[0], sum(top) - len(top), f"the {len(top)} longest sequences, padded to {top[0]}",
+                       len(set(data)) > 1)
     return _padded(B, T, B * (T - 1), f"{B} sequences x {T} tokens")
 
 
-def dpo_batch(cfg, s: Shape) -> Batch:
+def dpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     from posttrain.logprobs import PACK_TOKENS
 
     B, T = cfg.micro_batch_size, cfg.max_length
+    if data:  # (prompt, chosen, rejected) tokens kept
+        if cfg.shared_prefix:
+            top = _longest(data, B, key=sum)
+            units = [sum(x) for x in top]
+            return _packed(units, PACK_TOKENS, sum(c + r for _, c, r in top),
+                           f"the {len(top)} longest pairs, each prompt once with both completions: {sum(units)} positions")
+        top = _longest(data, B, key=lambda x: x[0] + max(x[1:]))
+        width = max(p + max(c, r) for p, c, r in top)
+        return _padded(2 * len(top), width, sum(c + r for _, c, r in top),
+                       f"the {len(top)} longest pairs = {2 * len(top)} sequences padded to {width}")
     if cfg.shared_prefix:
         # Worst case: a one-token prompt, so each side keeps T - 1 completion tokens: 2T - 1 positions a pair.
         unit = 2 * T - 1
@@ -382,32 +404,107 @@ def dpo_batch(cfg, s: Shape) -> Batch:
     return _padded(2 * B, T, 2 * B * (T - 1), f"{B} pairs = {2 * B} sequences x {T} tokens")
 
 
-def kto_batch(cfg, s: Shape) -> Batch:
+def kto_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     B, T = cfg.micro_batch_size, cfg.max_length
+    if data:
+        top = _longest(data, B)
+        return _padded(len(top), top[0], sum(top) - len(top), f"the {len(top)} longest examples, padded to {top[0]}",
+                       len(set(data)) > 1)
     return _padded(B, T, B * (T - 1), f"{B} examples x {T} tokens")
 
 
-def rm_batch(cfg, s: Shape) -> Batch:
+def rm_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     B, T = cfg.micro_batch_size, cfg.max_length
+    if data:  # (chosen, rejected) sequence tokens kept
+        top = _longest(data, B, key=max)
+        width = max(max(x) for x in top)
+        flat = [v for x in data for v in x]
+        return _padded(2 * len(top), width, 0, f"the {len(top)} longest pairs = {2 * len(top)} sequences padded to "
+                       f"{width}", len(set(flat)) > 1)
     return _padded(2 * B, T, 0, f"{B} pairs = {2 * B} sequences x {T} tokens")
 
 
-def grpo_batch(cfg, s: Shape) -> Batch:
+def _group_counts(N: int, G: int) -> list[int]:
+    """Completions per prompt in the worst micro-batch of N rows cut from groups of G: micro-batch j starts at
+    row j * N, i.e. at offset j * N mod G into a group, a multiple of gcd(N, G); the latest start, G - gcd, spans
+    the most prompts."""
+    offset = G - math.gcd(N, G)
+    counts, left = [min(N, G - offset)], N - min(N, G - offset)
+    while left:
+        counts.append(min(G, left))
+        left -= counts[-1]
+    return counts
+
+
+def grpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     from posttrain.logprobs import PACK_TOKENS
 
     N, G, C = cfg.micro_batch_size, cfg.num_generations, cfg.max_completion_length
-    P = cfg.max_prompt_length or cfg.max_length
-    prompts = math.ceil(N / G) + (1 if N % G and N > 1 else 0)  # a micro-batch can straddle two groups
-    per_prompt = [min(G, N)] * prompts
-    per_prompt[-1] = max(1, N - sum(per_prompt[:-1])) if prompts > 1 else N
-    units = [P + k * C for k in per_prompt]
-    return _packed(units, PACK_TOKENS, N * C, f"{N} completions x {C} tokens after {prompts} prompt(s) x {P} tokens")
+    counts = _group_counts(N, G)
+    prompts = _longest(data, len(counts)) if data else [cfg.max_prompt_length or cfg.max_length] * len(counts)
+    units = [p + k * C for p, k in zip(prompts, sorted(counts, reverse=True))]
+    what = "the longest prompts" if data else "prompts"
+    return _packed(units, PACK_TOKENS, N * C, f"{N} completions x {C} tokens after {len(counts)} of {what} "
+                   f"({', '.join(map(str, prompts))} tokens)")
 
 
-def grpo_generation(cfg, nproc: int) -> Generation:
+def grpo_generation(cfg, nproc: int, data: list | None = None) -> Generation:
     prompts = max(1, cfg.batch_size // max(nproc, 1))
-    P = cfg.max_prompt_length or cfg.max_length
+    P = max(data) if data else (cfg.max_prompt_length or cfg.max_length)
     return Generation(prompts * cfg.num_generations, P + cfg.max_completion_length, prompts, P)
+
+
+def data_lengths(command: str, cfg) -> tuple[list | None, str]:
+    """Per-example token counts of the run's own data after truncation, tokenized as training tokenizes it
+    (posttrain.audit.tokenize), or None and why not (no readable data, no tokenizer for a preset model)."""
+    from posttrain.audit import read_valid, tokenize
+    from posttrain.models import load_tokenizer
+
+    from posttrain.data.tasks import builtin_task
+
+    spec = cfg.dataset or importlib.import_module(RECIPES[command].module).DEFAULT_DATASET
+    local = Path(spec).expanduser().exists()
+    try:
+        builtin = not local and builtin_task(spec, "prompt", split="train") is not None
+    except ValueError:
+        builtin = False
+    if not (local or builtin):  # hub datasets are not downloaded to plan
+        return None, f"lengths at the limits ({spec} is not a local file, folder or built-in task)"
+    tokenizer = cfg.tokenizer or cfg.model
+    if not Path(tokenizer).expanduser().exists() and tokenizer.lower() in {**PRESETS, **SIZE_ALIASES}:
+        return None, f"lengths at the limits (the preset {tokenizer} has no tokenizer here; tokenizer=PATH reads the data)"
+    try:
+        fmt, rows, _ = read_valid(spec, command, cfg.dataset_split, cfg.max_samples)
+        tok = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, cfg.chat_template)
+    except (UserError, OSError) as e:
+        return None, f"lengths at the limits ({str(e).splitlines()[0][:120]})"
+    items, _ = tokenize(command, fmt, rows, tok, cfg)
+    L, P = cfg.max_length, cfg.max_prompt_length
+
+    def kept(p: int, c: int) -> tuple[int, int] | None:
+        p = min(p, P) if P else p
+        return None if p >= L else (p, min(c, L - p))
+
+    out = []
+    for it in items:
+        n = it.lengths
+        if command == "grpo":
+            out.append(min(n["prompt"], P) if P else n["prompt"])
+        elif command == "rm":
+            out.append((min(n["chosen_sequence"], L), min(n["rejected_sequence"], L)))
+        elif "sequence" in n and "prompt" not in n:  # language modeling
+            out.append(min(n["sequence"], L))
+        elif fmt == "preference":
+            a, b = kept(n["prompt"], n["chosen"]), kept(n["prompt"], n["rejected"])
+            if a and b:
+                out.append((a[0], a[1], b[1]) if command == "dpo" else sum(a))
+                if command == "kto":
+                    out.append(sum(b))
+        elif (k := kept(n["prompt"], n["completion"])) is not None:
+            out.append(sum(k))
+    if not out:
+        return None, "lengths at the limits (no example survives truncation)"
+    return out, f"lengths from {spec} ({len(items)} rows, tokenized as training does)"
 
 
 def _offline_reference(cfg) -> str:
@@ -438,6 +535,8 @@ def _grpo_extras(cfg, s: Shape) -> list[Extra]:
     return [Extra("reward model", rm.params("score"), why)]
 
 
+# PPO (issue 12) joins as one more entry: GRPO's batch and generation, its reference rule, and extras for the
+# reward model and a separate critic (a value head shared with the policy adds only H parameters).
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("posttrain.algorithms.sft", "sequences", sft_batch),
     "dpo": Recipe("posttrain.algorithms.dpo", "pairs", dpo_batch, _offline_reference),
@@ -479,6 +578,8 @@ class Plan:
     phases: dict
     peak_phase: str
     notes: list = field(default_factory=list)
+    lengths: str = ""  # where the micro-batch's lengths come from
+    data: list | None = field(default=None, repr=False)  # the per-example lengths used (data_lengths)
 
     @property
     def total(self) -> int:
@@ -491,13 +592,28 @@ class Plan:
             "total_bytes": self.total, "components": self.components, "sizes": self.sizes,
             "peak_phase": self.peak_phase, "phases": self.phases,
             "models": [{"name": n, "why": w} for n, w in self.models],
-            "micro_batch": {**dataclasses.asdict(self.batch), "accumulation": self.accumulation},
+            "micro_batch": {**dataclasses.asdict(self.batch), "accumulation": self.accumulation,
+                            "lengths": self.lengths},
             "notes": self.notes,
         }
 
 
-def resolve(command: str, settings: list[str], config_file: str | None = None):
-    """(recipe, config, nproc, device) for `posttrain memory COMMAND settings`."""
+@dataclass
+class Run:
+    """`posttrain memory COMMAND settings` resolved: the training command's config and the planner's own keys."""
+
+    command: str
+    recipe: Recipe
+    cfg: object
+    nproc: int = 1
+    device: str = "cpu"
+    lengths: str = "data"  # "data": the run's own data when it can be read and tokenized; "limits": max_length
+
+
+PLANNER_KEYS = ("nproc", "device", "lengths")
+
+
+def resolve(command: str, settings: list[str], config_file: str | None = None) -> Run:
     if command in ALIASES:
         command, extra = ALIASES[command]
         settings = [extra] + list(settings)
@@ -507,7 +623,7 @@ def resolve(command: str, settings: list[str], config_file: str | None = None):
     own, rest = {}, []
     for item in settings:
         key, _, value = item.partition("=")
-        if key in ("nproc", "device"):
+        if key in PLANNER_KEYS:
             own[key] = value
         else:
             rest.append(item)
@@ -520,11 +636,12 @@ def resolve(command: str, settings: list[str], config_file: str | None = None):
     device = own.get("device") or _default_device()
     if device not in ("cpu", "gpu"):
         raise UserError(f"device: {device!r} is not one of cpu, gpu")
-    import importlib
-
+    lengths = own.get("lengths", "data")
+    if lengths not in ("data", "limits"):
+        raise UserError(f"lengths: {lengths!r} is not one of data, limits")
     recipe = RECIPES[command]
     cfg = load_config(importlib.import_module(recipe.module).Config, config_file, rest)
-    return command, recipe, cfg, nproc, device
+    return Run(command, recipe, cfg, nproc, device, lengths)
 
 
 def _default_device() -> str:
@@ -533,10 +650,15 @@ def _default_device() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def plan(command: str, settings: list[str], config_file: str | None = None) -> Plan:
-    command, recipe, cfg, nproc, device = resolve(command, settings, config_file)
-    shape = model_shape(cfg.model, cfg.trust_remote_code)
-    return estimate(command, recipe, cfg, shape, nproc, device, settings)
+def plan(command: str, settings: list[str], config_file: str | None = None, shape: Shape | None = None) -> Plan:
+    run = resolve(command, settings, config_file)
+    shape = shape or model_shape(run.cfg.model, run.cfg.trust_remote_code)
+    data, source = None, "worst case at the length limits"
+    if run.lengths == "data":
+        data, source = data_lengths(run.command, run.cfg)
+    p = estimate(run, shape, data, settings)
+    p.lengths, p.data = source, data
+    return p
 
 
 def training_of(cfg, shape: Shape) -> Training:
@@ -548,9 +670,10 @@ def training_of(cfg, shape: Shape) -> Training:
     return Training(tuple(cfg.lora.target_modules), cfg.lora.r, cfg.lean_mlp, cfg.gradient_checkpointing, cfg.bf16)
 
 
-def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device: str = "cpu",
-             settings: list | None = None) -> Plan:
-    """Every component of the run's memory on one device, by phase (see the module docstring)."""
+def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None = None) -> Plan:
+    """Every component of the run's memory on one device, by phase (see the module docstring). `data`: per-example
+    lengths of the run's data (`data_lengths`); None: every sequence at the length limits."""
+    command, recipe, cfg, nproc, device = run.command, run.recipe, run.cfg, run.nproc, run.device
     t = training_of(cfg, s)
     fsdp = nproc > 1 and cfg.distributed == "fsdp"
     shard = nproc if fsdp else 1
@@ -591,7 +714,9 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
     sizes["optimizer state (AdamW)"] = 8 * trainable // shard
     grads = 4 * trainable // shard
     sizes["gradients"] = grads
-    weight_copies = bf16_weight_copies(s, t) // shard
+    # Autocast keeps a bf16 cast of every weight it multiplies, full size even when FSDP shards the weights; FSDP
+    # on GPUs gathers them in bf16 already (MixedPrecisionPolicy), so there is nothing left to cast.
+    weight_copies = 0 if (fsdp and device == "gpu") else bf16_weight_copies(s, t)
     if weight_copies:
         sizes["bf16 weight copies"] = weight_copies
     if fsdp:
@@ -605,7 +730,7 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
     static = {k: v for k, v in sizes.items() if k != "gradients"}
 
     # --- one micro-batch -----------------------------------------------------------------------------
-    batch = recipe.batch(cfg, s)
+    batch = recipe.batch(cfg, s, data)
     acc = recipe.accumulation(cfg, nproc)
     T, S = batch.tokens, batch.scored
     per_layer = layer_saved_bytes(s, t, batch.masked) * T + mask_copies(batch, t)
@@ -635,6 +760,7 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
     g_head = 4 * V * H // shard if head_trainable else 0
     g_layer = (grads - g_head) / L if trainable else 0
     phases: dict[str, dict[str, int]] = {}
+    notes: list[str] = []
     if acc > 1 or not trainable:
         # From the second micro-batch of a step on, every gradient exists while activations build up.
         live_grads, live_acts = grads, activations
@@ -653,7 +779,7 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
         step["backward buffers (one layer)"] = 4 * V * H // shard  # the embedding's dense gradient, added to the head's
     phases["optimizer step"] = step
 
-    gen = recipe.generation(cfg, nproc)
+    gen = recipe.generation(cfg, nproc, data)
     if gen is not None:
         kv = 2 * L * s.kv_heads * s.head_dim * 4 * gen.rows * gen.length
         sizes["KV cache (generation)"] = kv
@@ -661,7 +787,10 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
         prefill = 4 * gen.prompts * gen.prompt_length * (3 * s.intermediate + 2 * s.heads * s.head_dim + 2 * H)
         sampling = 5 * 4 * gen.rows * V
         phases["generation"] = {**static, "KV cache (generation)": kv, "backward buffers (one layer)": max(prefill, sampling)}
-    if strategy == "precomputed":
+    if strategy == "precomputed" and device == "gpu":
+        notes.append("the reference precompute pass runs before training, on the host's CPU: it needs the whole "
+                     "model in float32 there (plus the reference model if ref_model is set)")
+    elif strategy == "precomputed":
         # Before training: no optimizer state yet; the reference scores eval_batch_size examples at a time.
         rows = cfg.eval_batch_size * (2 if command == "dpo" else 1)
         fwd = 4 * rows * cfg.max_length * (3 * s.intermediate + 4 * H) + 3 * 4 * auto_chunk(V) * V
@@ -673,16 +802,12 @@ def estimate(command: str, recipe: Recipe, cfg, s: Shape, nproc: int = 1, device
 
     runtime = RUNTIME_BYTES if device == "cpu" else 0
     for p in phases.values():
-        tensors = sum(p.values())
-        if device == "cpu" and CPU_OVERHEAD:
-            p["allocator overhead"] = int(CPU_OVERHEAD * tensors)
         if runtime:
             p["runtime (Python, torch, tokenizer)"] = runtime
     if runtime:
         sizes["runtime (Python, torch, tokenizer)"] = runtime
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     components = {k: int(v) for k, v in phases[peak_phase].items() if v}
-    notes = []
     if device == "gpu":
         notes.append("GPU figures are allocator-level estimates (torch.cuda.max_memory_allocated), not measured in this "
                      "repository; the CUDA context (~0.5 GiB) comes on top")
@@ -704,17 +829,20 @@ class Change:
 
 
 def fit_changes(command: str, settings: list[str], budget_bytes: int, config_file: str | None = None,
-                shape: Shape | None = None) -> list[Change]:
+                shape: Shape | None = None, data: list | None = None) -> list[Change]:
     """The changes that bring the run under `budget_bytes`, in order (LoRA, precompute, checkpointing, a
     smaller micro-batch, FSDP over more devices), each added to those before it; stops at the first that fits."""
-    command, recipe, cfg, nproc, _ = resolve(command, settings, config_file)
+    run = resolve(command, settings, config_file)
+    command, recipe, cfg, nproc = run.command, run.recipe, run.cfg, run.nproc
     shape = shape or model_shape(cfg.model, cfg.trust_remote_code)
+    if data is None and run.lengths == "data":
+        data = data_lengths(command, cfg)[0]  # none of the changes below changes the lengths
     current = list(settings)
     out: list[Change] = []
 
     def total(extra: list[str]):
-        _, rec, c, n, d = resolve(command, current + extra, config_file)
-        return estimate(command, rec, c, shape, n, d, current + extra).total, c
+        r = resolve(command, current + extra, config_file)
+        return estimate(r, shape, data if r.lengths == "data" else None).total, r.cfg
 
     def add(extra: list[str], cost: str) -> bool:
         t, _ = total(extra)
@@ -752,7 +880,7 @@ def fit_changes(command: str, settings: list[str], budget_bytes: int, config_fil
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 or n == 0 else f"{n / 2**20:.1f} MiB"
 
 
 def render(p: Plan, changes: list[Change] | None = None, budget: float | None = None) -> str:
@@ -760,7 +888,7 @@ def render(p: Plan, changes: list[Change] | None = None, budget: float | None = 
     devices = f"one process on {where}" if p.nproc == 1 else f"per device, {p.nproc} processes ({'GPUs' if p.device == 'gpu' else 'CPU'})"
     per_step = f"{p.accumulation} micro-batch{'es' if p.accumulation > 1 else ''} per optimizer step"
     lines = [f"posttrain memory {p.command}: {p.shape.describe()}",
-             f"{devices}; micro-batch: {p.batch.what} (worst case at the length limits), {per_step}", "",
+             f"{devices}; {per_step}; the largest micro-batch: {p.batch.what}", f"({p.lengths})", "",
              "models in memory"]
     lines += [f"  {name:<12}{why}" for name, why in p.models]
     lines += ["", f"  {'component':<40}{'at peak':>12}{'full size':>13}"]
@@ -811,7 +939,7 @@ def main(args: ToolArgs) -> int:
         if budget <= 0:
             raise UserError("--budget: expected a positive number of GiB")
         changes = [] if p.total <= budget * GiB else fit_changes(command, args.settings, int(budget * GiB),
-                                                                 args.config_file, p.shape)
+                                                                 args.config_file, p.shape, p.data)
     if args.flags.get("--json"):
         out = p.to_json()
         if budget is not None:

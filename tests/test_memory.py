@@ -64,8 +64,7 @@ def test_lora_trainable_count_equals_peft(tokenizer):
     targets = ["q_proj", "v_proj", "down_proj"]
     peft_model = apply_lora(model, LoraConfig(r=4, target_modules=targets))
     trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    cfg = resolve("sft", ["dataset=x", "lora.r=4", f"lora.target_modules={','.join(targets)}"])[2]
-    p = estimate("sft", resolve("sft", ["dataset=x"])[1], cfg, shape)
+    p = estimate(resolve("sft", ["dataset=x", "lora.r=4", f"lora.target_modules={','.join(targets)}"]), shape)
     assert p.sizes["trainable weights"] == 4 * trained
     assert p.sizes["frozen weights: policy base"] == 4 * shape.params()
 
