@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ DATA_OF = {"sft": "sft", "dpo": "pairs", "kto": "pairs", "rm": "pairs", "grpo": 
 def peak_rss(argv: list[str], env=None) -> tuple[int, float, str]:
     """(peak RSS in bytes, wall seconds, output tail) of `argv` run under /usr/bin/time -v."""
     t0 = time.time()
-    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env, check=False)
     wall = time.time() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     if proc.returncode != 0 or not m:
@@ -117,7 +118,8 @@ def baseline() -> int:
 def run(names: list[str] | None, json_out: str | None) -> list[dict]:
     from posttrain.memory import plan
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                            check=True).stdout.strip()
     base = baseline()
     print(f"runtime baseline (peak RSS, no model): {base / GiB:.3f} GiB", flush=True)
     results = []
@@ -138,7 +140,7 @@ def run(names: list[str] | None, json_out: str | None) -> list[dict]:
             results.append(row)
             print(f"{name:<26} planner {predicted.total / GiB:6.2f} GiB  measured {rss / GiB:6.2f} GiB  "
                   f"{err:+6.1%}  ({wall:.0f} s)", flush=True)
-            subprocess.run(["rm", "-rf", f"{tmp}/runs/{name}"])
+            shutil.rmtree(f"{tmp}/runs/{name}", ignore_errors=True)
     print()
     print(f"measured on {time.strftime('%Y-%m-%d')} at commit {commit}; runtime baseline {base / GiB:.2f} GiB; "
           f"load average {os.getloadavg()[0]:.1f}")

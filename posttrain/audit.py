@@ -13,9 +13,9 @@ code stays 0, or is 1 under `--strict` (for CI pipelines).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
-import statistics
 import sys
 import zlib
 from collections import Counter, defaultdict
@@ -138,7 +138,7 @@ def near_duplicate_groups(texts: list[str], threshold: float, bands: int = 16, r
     for members in buckets.values():
         # Every pair of a bucket (a long bucket, e.g. many copies of one text: each member with its neighbour).
         pairs = ((members[x], members[y]) for x in range(len(members)) for y in range(x + 1, len(members))) \
-            if len(members) <= 64 else zip(members, members[1:])
+            if len(members) <= 64 else itertools.pairwise(members)
         for i, j in pairs:
             if (i, j) in checked or find(i) == find(j):
                 continue
@@ -213,7 +213,15 @@ def _detect(spec: str, split: str) -> str:
 
 def read_valid(spec: str, command: str, split: str, max_samples: int | None):
     """(format, valid rows, invalid (source, reason)) with training's own validation, every bad row listed."""
-    from posttrain.data.formats import KINDS, Row, _format_mismatch, detect_format, read_rows, sft_view, validate_row
+    from posttrain.data.formats import (
+        KINDS,
+        Row,
+        _format_mismatch,
+        detect_format,
+        read_rows,
+        sft_view,
+        validate_row,
+    )
 
     kind = KIND[command]
     rows = read_rows(spec, split, kind)
@@ -251,7 +259,7 @@ def _cut(p: int, c: int, max_length: int, max_prompt_length: int | None) -> tupl
 
 def tokenize(command: str, fmt: str, rows: list, tok, cfg) -> tuple[list[Item], list]:
     """Items with their lengths and what the limits do to them; rows the tokenizer rejects are invalid."""
-    from posttrain.data.tokenize import encode_conversation, encode_pair, encode_prompt
+    from posttrain.data.tokenize import encode_conversation, encode_pair
 
     items, bad = [], []
     L, P = cfg.max_length, cfg.max_prompt_length

@@ -39,6 +39,7 @@ from posttrain.cli import ToolArgs, ToolSpec
 from posttrain.config import UserError, load_config
 
 GiB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Peak RSS of a process that has imported posttrain, torch, transformers and peft, loaded a tokenizer and run
 # its first forward/backward on a tiny model: the part of every run's peak that is not tensors. Measured on
@@ -67,6 +68,7 @@ class Shape:
     tied: bool
     attention_bias: tuple = ()  # projections with a bias (Qwen2: q, k, v; Llama attention_bias: q, k, v, o)
     mlp_bias: bool = False
+    dtype: str = "bfloat16"  # the checkpoint's own dtype (what `dtype: auto` loads)
 
     def dims(self, module: str) -> tuple[int, int]:
         """(in, out) features of a projection."""
@@ -94,7 +96,7 @@ class Shape:
 
 
 def _preset(name, hidden, layers, heads, kv, head_dim, inter, vocab, tied, bias=()):
-    return Shape(name, hidden, layers, heads, kv, head_dim, inter, vocab, tied, bias)
+    return Shape(name, hidden, layers, heads, kv, head_dim, inter, vocab, tied, bias)  # published in bfloat16
 
 
 # The common sizes, with the shapes of their published config.json files.
@@ -127,9 +129,11 @@ def shape_from_config(name: str, cfg) -> Shape:
         bias = ("q_proj", "k_proj", "v_proj", "o_proj")
     elif getattr(cfg, "model_type", "") == "qwen2":
         bias = ("q_proj", "k_proj", "v_proj")
+    dtype = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32").replace("torch.", "")
     return Shape(name, cfg.hidden_size, cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads,
                  getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.intermediate_size, cfg.vocab_size,
-                 bool(getattr(cfg, "tie_word_embeddings", False)), bias, bool(getattr(cfg, "mlp_bias", False)))
+                 bool(getattr(cfg, "tie_word_embeddings", False)), bias, bool(getattr(cfg, "mlp_bias", False)),
+                 dtype if dtype in DTYPE_BYTES else "float32")
 
 
 def model_shape(name: str, trust_remote_code: bool = False) -> Shape:
@@ -139,7 +143,7 @@ def model_shape(name: str, trust_remote_code: bool = False) -> Shape:
 
     key = name.lower()
     if key in (EMBEDDED_MODEL, "default"):
-        return dataclasses.replace(PRESETS["smollm2-135m"], name=EMBEDDED_MODEL)
+        return dataclasses.replace(PRESETS["smollm2-135m"], name=EMBEDDED_MODEL, dtype="float32")  # de-quantized GGUF
     path = Path(name).expanduser()
     if not path.exists() and (key in PRESETS or key in SIZE_ALIASES):
         return PRESETS[SIZE_ALIASES.get(key, key)]
@@ -190,11 +194,22 @@ class Training:
     lora_r: int = 0
     lean_mlp: bool = True
     checkpointing: bool = False
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast over float32 weights
+    weight_bytes: int = 4  # the `dtype` the weights are loaded in: 4 (float32) or 2 (bfloat16 / float16)
 
     @property
     def full(self) -> bool:
         return not self.lora_targets
+
+    @property
+    def autocast(self) -> bool:
+        """bf16 autocast over float32 weights (with 16-bit weights autocast casts nothing)."""
+        return self.bf16 and self.weight_bytes == 4
+
+    @property
+    def e(self) -> int:
+        """Bytes of an activation element: 2 under autocast or with 16-bit weights, else 4."""
+        return 2 if (self.bf16 or self.weight_bytes == 2) else 4
 
     def trains(self, module: str) -> bool:
         """Does `module`'s input have to be kept for a weight (or adapter) gradient?"""
@@ -211,11 +226,16 @@ class Batch:
 
     tokens    positions the decoder runs over (padding included)
     scored    positions the LM head scores (0 for a reward model's score head)
-    rows, width  the rows of the forward and the longest one (attention masks are [rows, width, width])
-    masked    an explicit attention mask (padding, packing or shared prompts): transformers then repeats the
-              key/value heads for SDPA instead of using grouped-query attention natively
-    mask_bytes  bytes of attention masks kept for backward
+    rows, width  the rows of the forward and the longest one
+    masked    right-padded rows of different lengths: transformers then passes SDPA a [rows, 1, width, width] mask
+              and repeats the key/value heads instead of using grouped-query attention natively
+    mask_bytes  bytes of attention masks kept for backward, shared by every layer
     what      the layout in words
+    units     a packed row of units (a prompt and the completions that continue it), attended one unit at a time
+              (posttrain.logprobs.unit_attention): per layer each completion keeps its own copy of the keys and
+              values it sees, `kv_copies` positions in all (sum of prompt + completion lengths), and its
+              [completion, prompt + completion] mask converted to the query's dtype, `mask_cells` entries in all;
+              `prompt_tokens` of the positions are prompts
     """
 
     tokens: int
@@ -225,65 +245,92 @@ class Batch:
     masked: bool
     mask_bytes: int
     what: str
+    units: bool = False
+    kv_copies: int = 0
+    mask_cells: int = 0
+    prompt_tokens: int = 0
 
 
-def layer_saved_bytes(s: Shape, t: Training, masked: bool) -> int:
+def layer_saved_bytes(s: Shape, t: Training, masked: bool, units: bool = False) -> int:
     """Bytes one decoder layer keeps for backward, per token (no checkpointing).
 
-    Each term is a tensor autograd saves (tests/test_memory.py compares the sum with torch's saved-tensor hooks).
-    With e = 4 bytes (float32) or 2 (bf16 autocast), H = hidden, A = heads x head_dim, K = key/value width
-    (kv_heads x head_dim, or A when a mask makes transformers repeat the key/value heads), I = MLP width:
-      norms        residual input x and the post-attention residual (float32, 4H each), the two 1/rms
-                   factors (4 each); with full fine-tuning also the normalised x of each norm (4H each), for the
-                   norm weights' gradients
-      projection inputs  the attention input for q/k/v and the MLP input for gate/up, when one of them trains:
-                   float32 once (4H, shared); under autocast each trained projection saves its own bf16 cast (2H)
-      attention    q (eA), k and v (eK each), the output (eA, shared with o_proj's input), log-sum-exp (4 x heads)
-      LoRA         each adapter's low-rank activation (e x r); under autocast an adapter on o_proj keeps its own
-                   bf16 copy of the attention output (2A: peft casts the input to float32, autocast back)
+    Each term is a tensor autograd saves (tests/test_memory.py compares the sum with torch's saved-tensor hooks,
+    for float32 and bf16 weights, autocast, LoRA, the lean and the stock MLP, masks and the unit layout).
+    e = bytes of an activation (4; 2 under autocast or with 16-bit weights), w = bytes of a weight, H = hidden,
+    A = heads x head_dim, K = key/value width (kv_heads x head_dim, or A when a mask or the unit layout makes
+    transformers repeat the key/value heads), I = MLP width:
+      norms        each of the two norms keeps its input in float32 (4H: with 16-bit weights a float32 copy) and
+                   1/rms (4); with full fine-tuning also its normalised input in the weights' dtype (wH), for the
+                   norm weight's gradient
+      projection inputs  what a trained projection needs for its weight or adapter gradient (`_inputs`): one
+                   tensor shared by the projections that read it (float32 weights, no autocast); under autocast
+                   each trained projection's own bf16 cast (2 x in); with 16-bit weights the shared input for
+                   trained weights, but each adapter (kept in float32 by peft) its own float32 cast (4 x in)
+      attention    q (eA), k and v (eK each), the output (eA, also o_proj's input), log-sum-exp (4 x heads); the
+                   unit layout keeps o_proj's input apart (the per-unit outputs are concatenated) and its keys are
+                   counted by `layer_extra_bytes`
+      LoRA         each adapter's low-rank activation (r, in the adapter's float32 unless autocast casts it)
       MLP          lean backward: gate and up outputs (2 x eI); stock module: gate output, SiLU(gate), up
-                   output (3 x eI) and the product when down_proj trains (eI)
+                   output (3 x eI), and down_proj's input as the projection inputs above say
     Example, SmolLM2-135M (H = A = 576, K = 192, I = 1536, 9 heads), full fine-tuning, float32, no mask:
       4 x (6 x 576 + 2 + 576 + 2 x 192 + 576 + 9 + 2 x 1536) = 4 x 8075 = 32300 bytes per token per layer.
     """
-    e = 2 if t.bf16 else 4
+    e, w = t.e, t.weight_bytes
     H, A, inter = s.hidden, s.heads * s.head_dim, s.intermediate
-    K = A if masked else s.kv_heads * s.head_dim
-    n = 2 * (4 * H + 4)  # residual inputs of the two norms and their 1/rms factors
+    K = A if (masked or units) else s.kv_heads * s.head_dim
+    n = 2 * (4 * H + 4)  # the two norms' float32 inputs and their 1/rms factors
     if t.full:
-        n += 2 * 4 * H  # normalised inputs, for the norm weights' gradients
-
-    def inputs(mods: tuple, width: int) -> int:
-        trained = [m for m in mods if t.trains(m)]
-        if not trained:
-            return 0
-        return 2 * width * len(trained) if t.bf16 else 4 * width
-
-    n += inputs(("q_proj", "k_proj", "v_proj"), H) + inputs(("gate_proj", "up_proj"), H)
-    n += e * (A + 2 * K + A) + 4 * s.heads
-    n += e * t.lora_r * len([m for m in t.lora_targets if m in LINEARS])
-    if t.bf16 and "o_proj" in t.lora_targets:
-        n += 2 * A  # peft casts the adapter's input to float32 and autocast back: a copy of its own
+        n += 2 * w * H  # normalised inputs, for the norm weights' gradients
+    n += _inputs(t, ("q_proj", "k_proj", "v_proj"), H) + _inputs(t, ("gate_proj", "up_proj"), H)
+    n += e * (A + (0 if units else K) + K + A) + 4 * s.heads
+    # o_proj reads the attention output: the same tensor unless a cast (autocast for an adapter, 16-bit weights for
+    # an adapter) or the unit layout's concatenation makes a new one.
+    if t.trains("o_proj") and (units or "o_proj" in t.lora_targets):
+        shared = not units and not t.autocast and t.weight_bytes == 4
+        n += 0 if shared else _inputs(t, ("o_proj",), A)
+    lora_e = 2 if t.autocast else 4
+    n += lora_e * t.lora_r * len([m for m in t.lora_targets if m in LINEARS])
     if t.lean():
         n += 2 * e * inter
     else:
-        n += 3 * e * inter + (e * inter if t.trains("down_proj") else 0)
+        n += 3 * e * inter + _inputs(t, ("down_proj",), inter)
     return n
+
+
+def _inputs(t: Training, mods: tuple, width: int) -> int:
+    """Bytes per token a group of projections reading one input keeps of it (see layer_saved_bytes)."""
+    trained = [m for m in mods if t.trains(m)]
+    if not trained:
+        return 0
+    if t.autocast:
+        return 2 * width * len(trained)  # each projection's own bf16 cast
+    adapters = [m for m in trained if m in t.lora_targets]
+    if t.weight_bytes == 2 and adapters:
+        return 4 * width * len(adapters)  # each adapter's float32 cast
+    return t.e * width  # shared
+
+
+def layer_extra_bytes(s: Shape, t: Training, batch: Batch) -> int:
+    """Bytes one decoder layer keeps for backward beyond its per-token terms: under autocast SDPA casts a padding
+    mask to bf16 in every layer and each layer keeps its cast. The unit layout keeps, per completion, the keys and
+    values it attends over (2 x e x A per position) and its mask in the query's dtype (e per entry); and the keys
+    (repeated to A) whole, or under autocast only the bf16 casts of the prompts' keys (rotary embeddings leave
+    the keys in float32; each attention call casts the slice it reads)."""
+    e, A = t.e, s.heads * s.head_dim
+    if batch.units:
+        keys = 2 * A * batch.prompt_tokens if t.autocast else e * A * batch.tokens
+        return keys + 2 * e * A * batch.kv_copies + e * batch.mask_cells
+    return 2 * batch.rows * batch.width * batch.width if (t.autocast and batch.masked) else 0
 
 
 def bf16_weight_copies(s: Shape, t: Training) -> int:
     """Under autocast every projection's weight is cast to bf16 and the cast kept for backward (2 bytes per
     weight), trained or frozen; the lean MLP casts down_proj inside its own backward instead."""
-    if not t.bf16:
+    if not t.autocast:
         return 0
     per_layer = sum(2 * i * o for i, o in (s.dims(m) for m in LINEARS if m != "down_proj" or not t.lean()))
     per_layer += sum(2 * t.lora_r * sum(s.dims(m)) for m in t.lora_targets)  # the adapters' own casts
     return s.layers * per_layer
-
-
-def mask_copies(batch: Batch, t: Training) -> int:
-    """Under autocast SDPA casts the attention mask to bf16 in every layer, and each layer keeps its cast."""
-    return 2 * batch.rows * batch.width * batch.width if (t.bf16 and batch.masked) else 0
 
 
 def auto_chunk(vocab: int) -> int:
@@ -345,21 +392,21 @@ class Recipe:
 
 
 def _padded(rows: int, width: int, scored: int, what: str, uneven: bool = True) -> Batch:
-    """Right-padded rows. Rows of different lengths carry a padding mask (transformers: [rows, 1, width, width]
-    float32, kept for backward, and the key/value heads repeated); rows all of one length get none, which only
+    """Right-padded rows. Rows of different lengths carry a padding mask (transformers: [rows, 1, width, width] in
+    the weights' dtype, here in float32 bytes, kept for backward, and the key/value heads repeated); rows all of one length get none, which only
     data whose every example has one length guarantees (`uneven` False)."""
     masked = rows > 1 and uneven
     return Batch(rows * width, scored, rows, width, masked, 4 * rows * width * width if masked else 0, what)
 
 
-def _packed(units: list[int], budget: int, scored: int, what: str) -> Batch:
-    """Units (a prompt with its completions) packed first-fit into rows of `budget` positions (posttrain.logprobs
-    PACK_TOKENS), under one additive float32 block mask [rows, 1, L, L]."""
-    from posttrain.data.tokenize import first_fit
-
-    bins = first_fit(units, max(budget, max(units)))
-    width = max(sum(units[i] for i in b) for b in bins)
-    return Batch(sum(units), scored, len(bins), width, True, 4 * len(bins) * width * width, what)
+def _packed(units: list[tuple[int, list[int]]], scored: int, what: str) -> Batch:
+    """Units (a prompt and the completions that continue it) packed into one row and attended one unit at a time
+    (posttrain.logprobs.shared_prefix_token_logps). Its cached [c, p + c] boolean masks are shared by the layers."""
+    tokens = sum(p + sum(cs) for p, cs in units)
+    copies = sum(p + c for p, cs in units for c in cs)
+    cells = sum(c * (p + c) for p, cs in units for c in cs)
+    return Batch(tokens, scored, 1, tokens, False, cells, what, units=True, kv_copies=copies, mask_cells=cells,
+                 prompt_tokens=sum(p for p, _ in units))
 
 
 def _longest(values: list, n: int, key=None) -> list:
@@ -383,24 +430,21 @@ def sft_batch(cfg, s: Shape, data: list | None = None) -> Batch:
 
 
 def dpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
-    from posttrain.logprobs import PACK_TOKENS
-
     B, T = cfg.micro_batch_size, cfg.max_length
     if data:  # (prompt, chosen, rejected) tokens kept
         if cfg.shared_prefix:
             top = _longest(data, B, key=sum)
-            units = [sum(x) for x in top]
-            return _packed(units, PACK_TOKENS, sum(c + r for _, c, r in top),
-                           f"the {len(top)} longest pairs, each prompt once with both completions: {sum(units)} positions")
+            return _packed([(p, [c, r]) for p, c, r in top], sum(c + r for _, c, r in top),
+                           f"the {len(top)} longest pairs, each prompt once with both completions: "
+                           f"{sum(map(sum, top))} positions")
         top = _longest(data, B, key=lambda x: x[0] + max(x[1:]))
         width = max(p + max(c, r) for p, c, r in top)
         return _padded(2 * len(top), width, sum(c + r for _, c, r in top),
                        f"the {len(top)} longest pairs = {2 * len(top)} sequences padded to {width}")
     if cfg.shared_prefix:
         # Worst case: a one-token prompt, so each side keeps T - 1 completion tokens: 2T - 1 positions a pair.
-        unit = 2 * T - 1
-        return _packed([unit] * B, PACK_TOKENS, 2 * B * (T - 1),
-                       f"{B} pairs, each prompt once with both completions: {B} x {unit} positions")
+        return _packed([(1, [T - 1, T - 1])] * B, 2 * B * (T - 1),
+                       f"{B} pairs, each prompt once with both completions: {B} x {2 * T - 1} positions")
     return _padded(2 * B, T, 2 * B * (T - 1), f"{B} pairs = {2 * B} sequences x {T} tokens")
 
 
@@ -437,14 +481,12 @@ def _group_counts(N: int, G: int) -> list[int]:
 
 
 def grpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
-    from posttrain.logprobs import PACK_TOKENS
-
     N, G, C = cfg.micro_batch_size, cfg.num_generations, cfg.max_completion_length
     counts = _group_counts(N, G)
     prompts = _longest(data, len(counts)) if data else [cfg.max_prompt_length or cfg.max_length] * len(counts)
-    units = [p + k * C for p, k in zip(prompts, sorted(counts, reverse=True))]
+    units = [(p, [C] * k) for p, k in zip(prompts, sorted(counts, reverse=True))]
     what = "the longest prompts" if data else "prompts"
-    return _packed(units, PACK_TOKENS, N * C, f"{N} completions x {C} tokens after {len(counts)} of {what} "
+    return _packed(units, N * C, f"{N} completions x {C} tokens after {len(counts)} of {what} "
                    f"({', '.join(map(str, prompts))} tokens)")
 
 
@@ -458,9 +500,8 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
     """Per-example token counts of the run's own data after truncation, tokenized as training tokenizes it
     (posttrain.audit.tokenize), or None and why not (no readable data, no tokenizer for a preset model)."""
     from posttrain.audit import read_valid, tokenize
-    from posttrain.models import load_tokenizer
-
     from posttrain.data.tasks import builtin_task
+    from posttrain.models import load_tokenizer
 
     spec = cfg.dataset or importlib.import_module(RECIPES[command].module).DEFAULT_DATASET
     local = Path(spec).expanduser().exists()
@@ -508,19 +549,16 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
 
 
 def _offline_reference(cfg) -> str:
-    if getattr(cfg, "reference_free", lambda: False)():
-        return "none"
-    if cfg.precompute_ref_log_probs:
-        return "precomputed"
-    if cfg.ref_model:
-        return "copy"
-    return "adapter" if cfg.lora is not None else "copy"
+    from posttrain.reference import choose
+
+    needed = not getattr(cfg, "reference_free", lambda: False)()
+    return choose(needed=needed, path=cfg.ref_model, precompute=cfg.precompute_ref_log_probs, lora=cfg.lora is not None)
 
 
 def _grpo_reference(cfg) -> str:
-    if cfg.beta <= 0:
-        return "none"
-    return "adapter" if cfg.lora is not None else "copy"
+    from posttrain.reference import choose
+
+    return choose(needed=cfg.beta > 0, path=getattr(cfg, "ref_model", None), lora=cfg.lora is not None)
 
 
 def _grpo_extras(cfg, s: Shape) -> list[Extra]:
@@ -662,12 +700,17 @@ def plan(command: str, settings: list[str], config_file: str | None = None, shap
 
 
 def training_of(cfg, shape: Shape) -> Training:
+    dtype = getattr(cfg, "dtype", "float32")
+    w = DTYPE_BYTES[shape.dtype if dtype == "auto" else dtype]
     if cfg.lora is None:
-        return Training(lean_mlp=cfg.lean_mlp, checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16)
-    unknown = [m for m in cfg.lora.target_modules if m not in LINEARS]
+        return Training(lean_mlp=cfg.lean_mlp, checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, weight_bytes=w)
+    targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"] or targets == "all-linear":
+        targets = list(LINEARS)
+    unknown = [m for m in targets if m not in LINEARS]
     if unknown:
         raise UserError(f"lora.target_modules: {', '.join(unknown)} not found in the model (it has {', '.join(LINEARS)})")
-    return Training(tuple(cfg.lora.target_modules), cfg.lora.r, cfg.lean_mlp, cfg.gradient_checkpointing, cfg.bf16)
+    return Training(tuple(targets), cfg.lora.r, cfg.lean_mlp, cfg.gradient_checkpointing, cfg.bf16, w)
 
 
 def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None = None) -> Plan:
@@ -675,15 +718,19 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     lengths of the run's data (`data_lengths`); None: every sequence at the length limits."""
     command, recipe, cfg, nproc, device = run.command, run.recipe, run.cfg, run.nproc, run.device
     t = training_of(cfg, s)
+    w, e = t.weight_bytes, t.e
     fsdp = nproc > 1 and cfg.distributed == "fsdp"
     shard = nproc if fsdp else 1
     N = s.params(recipe.head)
     H, V, L = s.hidden, s.vocab, s.layers
 
     # --- parameters ----------------------------------------------------------------------------------
+    # Full fine-tuning trains the weights in their dtype (AdamW keeps its two moments in it too); peft keeps
+    # LoRA adapters in float32 whatever the base.
     if t.full:
-        trainable, frozen = N, 0
+        trainable, frozen, tw = N, 0, w
     else:
+        tw = 4
         per_layer = sum(t.lora_r * sum(s.dims(m)) for m in t.lora_targets)
         trainable = L * per_layer + (2 * H if recipe.head == "score" else 0)  # peft: the score head trains (+ its saved copy)
         frozen = N
@@ -704,15 +751,15 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     models += [(x.name, f"{x.params / 1e6:,.1f}M parameters, frozen: {x.why}") for x in extras]
 
     sizes: dict[str, int] = {}
-    sizes["trainable weights"] = 4 * trainable // shard
+    sizes["trainable weights"] = tw * trainable // shard
     if frozen:
-        sizes["frozen weights: policy base"] = 4 * frozen // shard
+        sizes["frozen weights: policy base"] = w * frozen // shard
     if ref_params:
-        sizes["frozen weights: reference"] = 4 * ref_params
+        sizes["frozen weights: reference"] = w * ref_params
     for x in extras:
-        sizes[f"frozen weights: {x.name}"] = 4 * x.params
-    sizes["optimizer state (AdamW)"] = 8 * trainable // shard
-    grads = 4 * trainable // shard
+        sizes[f"frozen weights: {x.name}"] = 4 * x.params  # loaded in float32 by the reward function
+    sizes["optimizer state (AdamW)"] = 2 * tw * trainable // shard
+    grads = tw * trainable // shard
     sizes["gradients"] = grads
     # Autocast keeps a bf16 cast of every weight it multiplies, full size even when FSDP shards the weights; FSDP
     # on GPUs gathers them in bf16 already (MixedPrecisionPolicy), so there is nothing left to cast.
@@ -722,9 +769,9 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     if fsdp:
         # One block gathered for compute and the next prefetched, plus the root unit (embeddings, final norm,
         # head) while it runs; in bf16 on GPUs the gathers are bf16.
-        e = 2 if (cfg.bf16 and device == "gpu") else 4
+        g = 2 if (cfg.bf16 and device == "gpu") else w
         root = V * H * (1 if s.tied or recipe.head == "score" else 2) + H
-        sizes["FSDP gathered parameters"] = e * (2 * s.layer_params() + root)
+        sizes["FSDP gathered parameters"] = g * (2 * s.layer_params() + root)
     if nproc > 1 and not fsdp and trainable:
         sizes["DDP gradient buckets"] = grads  # DDP copies gradients into its own flat buckets
     static = {k: v for k, v in sizes.items() if k != "gradients"}
@@ -733,31 +780,32 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     batch = recipe.batch(cfg, s, data)
     acc = recipe.accumulation(cfg, nproc)
     T, S = batch.tokens, batch.scored
-    per_layer = layer_saved_bytes(s, t, batch.masked) * T + mask_copies(batch, t)
+    per_layer = layer_saved_bytes(s, t, batch.masked, batch.units) * T + layer_extra_bytes(s, t, batch)
     if t.checkpointing:
-        kept, recomputed = 4 * H * T, per_layer  # each layer keeps its input; backward rebuilds one layer at a time
+        kept, recomputed = w * H * T, per_layer  # each layer keeps its input; backward rebuilds one layer at a time
     else:
         kept, recomputed = per_layer, 0
-    rotary = 2 * 4 * s.head_dim * T
-    final_norm = (4 * H + 4 + (4 * H if t.full else 0)) * T
-    head_in = (4 * H + 16) * S  # the scored positions' hidden states, their log-sum-exp, target and log-prob
-    other = rotary + final_norm + head_in + batch.mask_bytes
+    rotary = 2 * w * s.head_dim * T  # cos and sin, in the hidden states' dtype
+    final_norm = (4 * H + 4 + (w * H if t.full else 0)) * T
+    head_in = (w * H + 16) * S  # the scored positions' hidden states, their log-sum-exp, target and log-prob
+    masks = batch.mask_bytes if batch.units else batch.mask_bytes * w // 4  # a padding mask in the weights' dtype
+    other = rotary + final_norm + head_in + masks
     activations = L * kept + recomputed + other
     sizes["activations"] = activations
     if S:
         c = min(auto_chunk(V), S)
-        chunks = 2 * 4 * c * V + 4 * H * S  # two [chunk, vocab] float32 buffers and the hidden-state gradient
+        chunks = 2 * 4 * c * V + w * H * S  # two [chunk, vocab] float32 buffers and the hidden-state gradient
         sizes["logits / log-prob chunks"] = chunks
     else:
         chunks = 0
     # Gradient buffers flowing through one layer's backward: the lean MLP rebuilds its activation and four
     # [tokens, MLP] gradients; attention its q/k/v gradients.
-    working = 4 * T * (5 * s.intermediate + 4 * H)
+    working = e * T * (5 * s.intermediate + 4 * H)
     sizes["backward buffers (one layer)"] = working
 
     # Gradients by where they are written: the LM head first (tied: the embedding matrix), then layer by layer.
     head_trainable = t.full and recipe.head == "lm"
-    g_head = 4 * V * H // shard if head_trainable else 0
+    g_head = w * V * H // shard if head_trainable else 0
     g_layer = (grads - g_head) / L if trainable else 0
     phases: dict[str, dict[str, int]] = {}
     notes: list[str] = []
@@ -776,27 +824,27 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     phases["forward and backward"] = train_phase
     step = {**static, "gradients": grads}
     if trainable and t.full and s.tied and recipe.head == "lm":
-        step["backward buffers (one layer)"] = 4 * V * H // shard  # the embedding's dense gradient, added to the head's
+        step["backward buffers (one layer)"] = w * V * H // shard  # the embedding's dense gradient, added to the head's
     phases["optimizer step"] = step
 
     gen = recipe.generation(cfg, nproc, data)
     if gen is not None:
-        kv = 2 * L * s.kv_heads * s.head_dim * 4 * gen.rows * gen.length
+        kv = 2 * L * s.kv_heads * s.head_dim * w * gen.rows * gen.length  # generation runs without autocast
         sizes["KV cache (generation)"] = kv
         # Prefill: one layer's no-grad temporaries over the prompts; decoding: a few [rows, vocab] float32 tensors.
-        prefill = 4 * gen.prompts * gen.prompt_length * (3 * s.intermediate + 2 * s.heads * s.head_dim + 2 * H)
+        prefill = w * gen.prompts * gen.prompt_length * (3 * s.intermediate + 2 * s.heads * s.head_dim + 2 * H)
         sampling = 5 * 4 * gen.rows * V
         phases["generation"] = {**static, "KV cache (generation)": kv, "backward buffers (one layer)": max(prefill, sampling)}
     if strategy == "precomputed" and device == "gpu":
         notes.append("the reference precompute pass runs before training, on the host's CPU: it needs the whole "
-                     "model in float32 there (plus the reference model if ref_model is set)")
+                     "model there (plus the reference model if ref_model is set)")
     elif strategy == "precomputed":
         # Before training: no optimizer state yet; the reference scores eval_batch_size examples at a time.
-        rows = cfg.eval_batch_size * (2 if command == "dpo" else 1)
-        fwd = 4 * rows * cfg.max_length * (3 * s.intermediate + 4 * H) + 3 * 4 * auto_chunk(V) * V
+        rows = (getattr(cfg, "precompute_ref_batch_size", None) or cfg.eval_batch_size) * (2 if command == "dpo" else 1)
+        fwd = w * rows * cfg.max_length * (3 * s.intermediate + 4 * H) + 3 * 4 * auto_chunk(V) * V
         pre = {k: v for k, v in static.items() if not k.startswith("optimizer")}
         if getattr(cfg, "ref_model", None):
-            pre["frozen weights: reference"] = 4 * model_shape(cfg.ref_model, cfg.trust_remote_code).params()
+            pre["frozen weights: reference"] = w * model_shape(cfg.ref_model, cfg.trust_remote_code).params()
         pre["backward buffers (one layer)"] = fwd
         phases["reference precompute"] = pre
 

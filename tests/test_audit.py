@@ -3,12 +3,10 @@ cases, the exit codes, and a run over the shared data."""
 
 import json
 
-import pytest
+from conftest import SHARED_DATA, needs_shared_data
 
 from posttrain import cli
 from posttrain.audit import edit_similarity, near_duplicate_groups, overlap_bound, percentiles
-
-from conftest import SHARED_DATA, needs_shared_data
 
 
 def test_percentiles_and_similarities_by_hand():

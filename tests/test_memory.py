@@ -11,15 +11,15 @@ import torch
 from posttrain import cli
 from posttrain.config import LoraConfig, UserError
 from posttrain.memory import (
-    GiB,
     PRESETS,
     RUNTIME_BYTES,
+    GiB,
     Shape,
     Training,
     estimate,
     fit_changes,
+    layer_extra_bytes,
     layer_saved_bytes,
-    mask_copies,
     model_shape,
     plan,
     resolve,
@@ -42,10 +42,15 @@ def test_presets_have_the_published_parameter_counts(name, published):
 def test_shape_params_equal_the_models_own_count(kind, tied):
     """The formula against transformers: tied or not, Qwen2's q/k/v biases, Llama's attention_bias, and a
     reward model's score head instead of the LM head."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=tied)
+    common = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": tied}
     config = Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common, attention_bias=kind == "llama-bias")
     shape = shape_from_config("t", config)
     lm = AutoModelForCausalLM.from_config(config)
@@ -108,7 +113,7 @@ def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
     from posttrain.testing import tiny_model
 
     torch.manual_seed(0)
-    model = tiny_model(tokenizer, hidden_size=64, num_layers=3)
+    model = tiny_model(tokenizer, hidden_size=64, num_layers=3).to(torch.float32 if t.weight_bytes == 4 else torch.bfloat16)
     if t.lora_targets:
         model = apply_lora(model, LoraConfig(r=t.lora_r, target_modules=list(t.lora_targets)))
     if t.lean_mlp:
@@ -135,7 +140,7 @@ def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
 
     def shared(shape, dtype):
         rotary = len(shape) == 4 and shape[:2] == (1, 1)
-        mask32 = len(shape) == 4 and shape[1] == 1 and dtype == torch.float32
+        mask32 = len(shape) == 4 and shape[1] == 1 and not t.autocast  # transformers' mask, in the weights' dtype
         weight_cast = len(shape) == 2 and shape[0] not in (B * T, B)
         return rotary or mask32 or weight_cast
 
@@ -143,24 +148,85 @@ def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
 
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CASES = [  # (lora targets, lean_mlp, bf16, masked): full fine-tuning, attention-only LoRA, LoRA everywhere, mixed
-    ((), True, False, False), ((), False, False, True), ((), True, True, True), ((), False, True, False),
-    (("q_proj", "v_proj"), True, False, True), (("q_proj", "v_proj"), True, True, False),
-    (ALL, True, False, False), (ALL, False, True, True), (("o_proj", "down_proj"), True, True, True),
+CASES = [  # (lora targets, lean_mlp, bf16 autocast, masked, weight bytes): full fine-tuning, attention-only LoRA,
+    # LoRA everywhere, mixed; float32 weights with and without autocast, bfloat16 weights
+    ((), True, False, False, 4), ((), False, False, True, 4), ((), True, True, True, 4), ((), False, True, False, 4),
+    (("q_proj", "v_proj"), True, False, True, 4), (("q_proj", "v_proj"), True, True, False, 4),
+    (ALL, True, False, False, 4), (ALL, False, True, True, 4), (("o_proj", "down_proj"), True, True, True, 4),
+    ((), True, False, False, 2), ((), False, False, True, 2), (("q_proj", "v_proj"), True, False, True, 2),
+    (ALL, True, False, False, 2), (("o_proj", "down_proj"), False, False, True, 2),
 ]
 
 
-@pytest.mark.parametrize("targets,lean,bf16,masked", CASES)
-def test_layer_saved_bytes_equals_what_autograd_keeps(tokenizer, targets, lean, bf16, masked):
+@pytest.mark.parametrize("targets,lean,bf16,masked,w", CASES)
+def test_layer_saved_bytes_equals_what_autograd_keeps(tokenizer, targets, lean, bf16, masked, w):
     """Every term of the formula is a tensor the layer really saves: the sum equals the saved-tensor hooks'
-    count to the byte, for full fine-tuning and LoRA, the lean and the stock MLP, float32 and bf16 autocast,
-    with and without an attention mask (which makes transformers repeat the key/value heads)."""
+    count to the byte, for full fine-tuning and LoRA, the lean and the stock MLP, float32 weights with and without
+    bf16 autocast, bfloat16 weights, with and without an attention mask (which makes transformers repeat the
+    key/value heads)."""
     shape = Shape("tiny", 64, 3, 4, 2, 16, 128, 320, True)
-    t = Training(targets, 4 if targets else 0, lean, False, bf16)
+    t = Training(targets, 4 if targets else 0, lean, False, bf16, w)
     from posttrain.memory import Batch
 
-    per_layer_mask = mask_copies(Batch(48, 0, 2, 24, masked, 0, ""), t) / 48
+    per_layer_mask = layer_extra_bytes(shape, t, Batch(48, 0, 2, 24, masked, 0, "")) / 48
     assert _saved_bytes_per_token(tokenizer, t, masked) == layer_saved_bytes(shape, t, masked) + per_layer_mask
+
+
+def _saved_bytes_of_unit_layout(tokenizer, t: Training, prompts=(12, 20), completions=((9, 14), (14, 9))):
+    """Bytes autograd keeps for one middle layer while `shared_prefix_token_logps` scores two prompts with two
+    completions each, packed into one row of units (weights, rotary tables and the cached boolean masks, which
+    every layer shares, left out)."""
+    from posttrain.logprobs import shared_prefix_token_logps
+    from posttrain.models import apply_lora, lean_mlp
+    from posttrain.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(tokenizer, hidden_size=64, num_layers=3).to(torch.float32 if t.weight_bytes == 4 else torch.bfloat16)
+    if t.lora_targets:
+        model = apply_lora(model, LoraConfig(r=t.lora_r, target_modules=list(t.lora_targets)))
+    if t.lean_mlp:
+        lean_mlp(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+    layer, inside, seen = base.model.layers[1], [False], {}
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(x):
+        st = x.untyped_storage()
+        if inside[0] and st.data_ptr() not in own:
+            seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
+        return x
+
+    lengths = [c for cs in completions for c in cs]
+    ids = torch.randint(3, 300, (4, max(lengths)))
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+        shared_prefix_token_logps(model, [torch.randint(3, 300, (p,)).tolist() for p in prompts],
+                                  torch.tensor([0, 0, 1, 1]), ids, mask, 0)
+
+    def shared(shape, dtype):
+        weight_cast = len(shape) == 2 and set(shape) <= {4, 32, 64, 128}  # [in, out] of a projection or adapter
+        return (len(shape) == 4 and shape[:2] == (1, 1)) or dtype == torch.bool or weight_cast
+
+    return sum(n for n, shape, dtype in seen.values() if not shared(shape, dtype)), seen
+
+
+@pytest.mark.parametrize("targets,bf16,w", [((), False, 4), ((), True, 4), (("q_proj", "v_proj"), False, 4),
+                                            (ALL, True, 4), (("o_proj",), False, 4), (("o_proj",), True, 4),
+                                            ((), False, 2), (("o_proj", "v_proj"), False, 2)])
+def test_unit_layout_saved_bytes_equal_what_autograd_keeps(tokenizer, targets, bf16, w):
+    """The packed shared-prefix layout attends one unit at a time: every completion keeps the keys and values it
+    sees (prompt + its own) and its mask; the formula plus those per-layer extras equals the saved-tensor count."""
+    from posttrain.memory import _packed
+
+    shape = Shape("tiny", 64, 3, 4, 2, 16, 128, 320, True)
+    t = Training(targets, 4 if targets else 0, True, False, bf16, w)
+    measured, seen = _saved_bytes_of_unit_layout(tokenizer, t)
+    batch = _packed([(12, [9, 14]), (20, [14, 9])], 46, "")
+    want = layer_saved_bytes(shape, t, False, units=True) * batch.tokens + layer_extra_bytes(shape, t, batch)
+    assert measured == want, sorted(seen.values(), key=lambda v: -v[0])
 
 
 def test_layer_saved_bytes_by_hand():
@@ -187,30 +253,36 @@ def _plan(command, *settings, **kw):
 
 def test_7b_full_dpo_mixed_precision_by_hand():
     """Llama-2-7B (6,738,415,616 parameters: 32 layers of 202,383,360, embeddings and head of 131,072,000 each,
-    norm 4096), full DPO with bf16 autocast on one GPU, 1 pair a step of max_length 512, reference copy:
+    norm 4096), full DPO with bf16 autocast over float32 weights on one GPU, 1 pair a step of max_length 512,
+    reference copy:
       trainable weights  4 x 6,738,415,616 = 26,953,662,464 bytes    reference copy   the same
       AdamW state        8 x 6,738,415,616 = 53,907,324,928          gradients (all)  26,953,662,464
       bf16 weight copies 2 x 32 x (4 x 4096^2 + 2 x 4096 x 11008) = 2 x 32 x 157,286,400 = 10,066,329,600
         (the lean MLP casts down_proj inside its backward: no kept copy of it)
-      positions: a one-token prompt + both completions of 511 tokens = 1023, under a block mask (k, v repeated)
-      per token and layer (bf16, full): norms 2 x (4 x 4096 + 4) = 32776 + normalised inputs 2 x 4 x 4096 = 32768
+      the pair, worst case: a one-token prompt and two completions of 511 tokens, packed as one unit: 1023
+      positions; the two completions attend over 512 positions each (1024 key/value positions copied) under
+      [511, 512] masks (523,264 entries)
+      per token and layer (e = 2): norms 2 x (4 x 4096 + 4) = 32776 + normalised inputs 2 x 4 x 4096 = 32768
         + bf16 inputs of q, k, v (3 x 2 x 4096) and gate, up (2 x 2 x 4096) = 40960
-        + q, k, v, output 2 x 4 x 4096 = 32768 + log-sum-exp 4 x 32 = 128 + lean MLP 2 x 2 x 11008 = 44032
-        = 183,432 bytes -> 32 layers x 1023 tokens x 183,432 = 6,004,829,184, + one bf16 mask copy per layer
-        32 x 2 x 1023^2 = 66,978,816.
+        + q, v, output 3 x 2 x 4096 = 24576 + log-sum-exp 4 x 32 = 128 + o_proj's own input 2 x 4096 = 8192
+        + lean MLP 2 x 2 x 11008 = 44032 = 183,432 bytes
+      per layer besides: the prompt's bf16 keys 2 x 4096 x 1 = 8192, the completions' key and value copies
+        2 x 2 x 4096 x 1024 = 16,777,216, their masks 2 x 523,264 = 1,046,528 -> 17,831,936
+      32 layers x (1023 x 183,432 + 17,831,936) = 32 x 205,482,872 = 6,575,451,904 bytes of activations.
     One micro-batch a step: the head's gradient (4 x 32000 x 4096 = 524,288,000) is written first, each layer's
-    (809,533,440 bytes) as its activations (187.6 MB) are freed: the peak is the end of backward with every gradient."""
+    (809,533,440 bytes) as its activations (205.5 MB) are freed: the peak is the end of backward with every
+    gradient."""
     p = _plan("dpo", "model=llama-2-7b", "bf16=true", "device=gpu", "micro_batch_size=1", "batch_size=1",
               "max_length=512")
     N = 6_738_415_616
     assert p.sizes["trainable weights"] == 4 * N == p.sizes["frozen weights: reference"]
     assert p.sizes["optimizer state (AdamW)"] == 8 * N and p.sizes["gradients"] == 4 * N
     assert p.sizes["bf16 weight copies"] == 10_066_329_600
-    assert p.batch.tokens == 1023 and p.batch.masked
-    from posttrain.memory import Training as T
-
-    assert layer_saved_bytes(PRESETS["llama-2-7b"], T(bf16=True), masked=True) == 183_432
-    layers = 32 * 1023 * 183_432 + 32 * 2 * 1023 * 1023
+    assert (p.batch.tokens, p.batch.kv_copies, p.batch.mask_cells, p.batch.units) == (1023, 1024, 523_264, True)
+    t = Training(bf16=True)
+    assert layer_saved_bytes(PRESETS["llama-2-7b"], t, masked=False, units=True) == 183_432
+    assert layer_extra_bytes(PRESETS["llama-2-7b"], t, p.batch) == 17_831_936
+    layers = 6_575_451_904
     assert p.sizes["activations"] >= layers and p.sizes["activations"] - layers < 0.01 * layers  # + norm, head inputs
     assert p.components["gradients"] == 4 * N  # the peak holds every gradient
     assert p.components["activations"] < 0.1 * p.sizes["activations"]  # ... and almost no activations
@@ -219,6 +291,21 @@ def test_7b_full_dpo_mixed_precision_by_hand():
     # 20 bytes a parameter (weights 4, reference 4, gradients 4, AdamW 8) = 134,768,312,320, + the bf16 copies
     # = 144,834,641,920; the rest (final norm, head inputs, logit chunks, one layer's buffers) is under 1 GiB.
     assert 0 < p.total - (20 * N + 10_066_329_600) < GiB
+
+
+def test_16_bit_weights_halve_weights_gradients_and_adamw():
+    """dtype=bfloat16 (pure bf16 training): 2 bytes a weight, a gradient and each AdamW moment; a LoRA adapter stays
+    float32 (peft). dtype=auto takes the checkpoint's own: bfloat16 for the presets, float32 for the embedded model."""
+    full32, full16 = _plan("sft", "model=1b", "device=gpu"), _plan("sft", "model=1b", "device=gpu", "dtype=bfloat16")
+    N = 1_235_814_400
+    assert (full16.sizes["trainable weights"], full16.sizes["gradients"], full16.sizes["optimizer state (AdamW)"]) == \
+        (2 * N, 2 * N, 4 * N)
+    assert full32.sizes["trainable weights"] == 4 * N and full16.sizes["activations"] < full32.sizes["activations"]
+    lora = _plan("sft", "model=1b", "device=gpu", "dtype=bfloat16", "lora.r=8")
+    assert lora.sizes["frozen weights: policy base"] == 2 * N
+    assert lora.sizes["optimizer state (AdamW)"] == 2 * lora.sizes["trainable weights"]  # float32 adapters
+    assert _plan("sft", "model=1b", "dtype=auto").sizes["trainable weights"] == 2 * N
+    assert _plan("sft", "dtype=auto").sizes["trainable weights"] == 4 * 134_515_008
 
 
 def test_peak_holds_all_gradients_with_accumulation_and_lora_frees_none():
