@@ -3,6 +3,7 @@
     python benchmarks/memory_validation.py baseline              # the runtime's own peak RSS (memory.RUNTIME_BYTES)
     python benchmarks/memory_validation.py run                   # every configuration: table on stdout
     python benchmarks/memory_validation.py run --only dpo-copy-256,sft-full-512 --json out.json
+    python benchmarks/memory_validation.py replan --json out.json  # the planner column again, same measurements
 
 `run` writes data that fills the length limits into a temporary folder (long texts cut from
 /work/shared/data/hh_helpful_train.jsonl, so every sequence is truncated at max_length and every GRPO prompt
@@ -156,16 +157,42 @@ def run(names: list[str] | None, json_out: str | None) -> list[dict]:
     return results
 
 
+def replan(json_in: str) -> None:
+    """The planner column again with the code checked out now, beside the peak RSS stored in `json_in` (valid
+    while the training code is the one the runs measured: compare `git diff MEASURED_COMMIT -- posttrain/`)."""
+    from posttrain.memory import plan
+
+    old = json.loads(Path(json_in).read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                            check=True).stdout.strip()
+    configs = {name: (command, settings) for name, command, settings in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="posttrain-memval-") as tmp:
+        files = write_data(Path(tmp) / "data")
+        print(f"peak RSS measured at {old['commit']} on {old['date']}; planner at {commit}")
+        print()
+        print("| configuration | settings | planner | peak RSS | planner / measured - 1 | within 15% |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in old["results"]:
+            command, settings = configs[r["name"]]
+            total = plan(command, [f"dataset={files[DATA_OF[command]]}", *settings]).total
+            err = total / r["peak_rss_bytes"] - 1
+            print(f"| {r['name']} | `{r['command']}` | {total / GiB:.2f} GiB | {r['peak_rss_bytes'] / GiB:.2f} GiB "
+                  f"| {err:+.1%} | {'yes' if abs(err) <= 0.15 else '**no**'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["baseline", "run"])
+    ap.add_argument("what", choices=["baseline", "run", "replan"])
     ap.add_argument("--only", help="comma-separated configuration names")
-    ap.add_argument("--json", help="write every result (with the planner's components) to this file")
+    ap.add_argument("--json", help="run: write every result (with the planner's components) to this file; "
+                                   "replan: the file a run wrote")
     args = ap.parse_args()
     if SHARED is None:
         sys.exit("the shared data folder (../shared/data or /work/shared/data) is needed for the long texts")
     if args.what == "baseline":
         print(f"{baseline() / GiB:.3f} GiB")
+    elif args.what == "replan":
+        replan(args.json)
     else:
         run(args.only.split(",") if args.only else None, args.json)
 

@@ -325,9 +325,19 @@ def _where(sources: list[str], k: int) -> str:
 
 
 def check(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig, cfg, command: str) -> None:
-    k, warn = acfg.examples, report.warnings.append
-    n = len(items)
-    # --- lengths and limits
+    """Every check that needs no model, in the order the report prints them."""
+    check_lengths(report, items, acfg, cfg, command)
+    check_duplicates(report, items, raw_rows, acfg)
+    if report.format == "preference":
+        check_pairs(report, items, acfg)
+    if command == "kto":
+        check_labels(report, items, cfg)
+    if report.format == "prompt_only":
+        check_answers(report, items, raw_rows, acfg)
+
+
+def check_lengths(report: Report, items: list[Item], acfg: AuditConfig, cfg, command: str) -> None:
+    k, n = acfg.examples, len(items)
     for col in ("prompt", "chosen", "rejected", "completion", "sequence", "chosen_sequence", "rejected_sequence"):
         vals = [it.lengths[col] for it in items if col in it.lengths]
         if vals:
@@ -336,16 +346,18 @@ def check(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig, 
     report.dropped = [it.source for it in items if it.dropped]
     limits = f"max_length={cfg.max_length}" + (f", max_prompt_length={cfg.max_prompt_length}" if cfg.max_prompt_length else "")
     if report.dropped:
-        warn(f"{len(report.dropped)} rows ({len(report.dropped) / n:.1%}) would be dropped by posttrain {command}: the "
-             f"prompt alone fills {limits} (e.g. {_where(report.dropped, k)}); raise max_length or set max_prompt_length")
+        report.warnings.append(
+            f"{len(report.dropped)} rows ({len(report.dropped) / n:.1%}) would be dropped by posttrain {command}: the "
+            f"prompt alone fills {limits} (e.g. {_where(report.dropped, k)}); raise max_length or set max_prompt_length")
     if len(report.truncated) > 0.1 * n:
-        warn(f"{len(report.truncated)} rows ({len(report.truncated) / n:.1%}) exceed {limits} and would be truncated "
-             f"(e.g. {_where(report.truncated, k)}); p99 of the sequence is {report.lengths.get('sequence', report.lengths.get('prompt'))['p99']} tokens")
+        p99 = report.lengths.get("sequence", report.lengths.get("prompt"))["p99"]
+        report.warnings.append(
+            f"{len(report.truncated)} rows ({len(report.truncated) / n:.1%}) exceed {limits} and would be truncated "
+            f"(e.g. {_where(report.truncated, k)}); p99 of the sequence is {p99} tokens")
 
-    # --- duplicates
-    whole = Counter(json.dumps(r.data, sort_keys=True) for r in raw_rows)
-    repeats = [r.source for r, key in zip(raw_rows, (json.dumps(r.data, sort_keys=True) for r in raw_rows))
-               if whole[key] > 1]
+
+def check_duplicates(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig) -> None:
+    k = acfg.examples
     first_seen, dup_rows = {}, []
     for r in raw_rows:
         key = json.dumps(r.data, sort_keys=True)
@@ -353,7 +365,6 @@ def check(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig, 
             dup_rows.append(f"{r.source} = {first_seen[key]}")
         else:
             first_seen[key] = r.source
-    texts = [it.prompt_text for it in items]
     by_text = defaultdict(list)
     for it in items:
         by_text[it.prompt_text].append(it.source)
@@ -365,85 +376,89 @@ def check(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig, 
                          "rows_with_repeated_prompt": sum(len(s) for s in exact),
                          "near_duplicate_groups": len(near), "rows_in_near_duplicate_groups": sum(len(g) for g in near),
                          "near_examples": [[by_text[unique[i]][0] for i in g][:k] for g in near[:k]]}
-    del repeats, texts
     if dup_rows:
-        warn(f"{len(dup_rows)} rows repeat an earlier row exactly ({_where(dup_rows, k)}): they weigh twice in training")
+        report.warnings.append(f"{len(dup_rows)} rows repeat an earlier row exactly ({_where(dup_rows, k)}): they weigh "
+                               f"twice in training")
     # Several pairs or labels per prompt are normal for preference and unpaired data; prompts and demonstrations
     # should be distinct.
     if report.format in ("prompt_only", "prompt_completion", "language_modeling") and (exact or near):
         what = "prompts" if report.format != "language_modeling" else "texts"
-        warn(f"{len(exact)} {what} occur more than once and {len(near)} groups are near-duplicates (Jaccard >= "
-             f"{acfg.duplicate_similarity:g}; e.g. {_where(near_rows or [s[0] for s in exact], k)}): repeated {what} "
-             f"are memorised rather than learned")
+        report.warnings.append(
+            f"{len(exact)} {what} occur more than once and {len(near)} groups are near-duplicates (Jaccard >= "
+            f"{acfg.duplicate_similarity:g}; e.g. {_where(near_rows or [s[0] for s in exact], k)}): repeated {what} "
+            f"are memorised rather than learned")
 
-    # --- preference pairs
+
+def check_pairs(report: Report, items: list[Item], acfg: AuditConfig) -> None:
+    k, warn = acfg.examples, report.warnings.append
+    same, close = [], []
+    for it in items:
+        a, b = it.chosen_ids, it.rejected_ids
+        if a == b:
+            same.append(it.source)
+        elif overlap_bound(a, b) >= acfg.pair_similarity and edit_similarity(a, b) >= acfg.pair_similarity:
+            close.append(it.source)
+    report.pairs = {"identical": len(same), "identical_examples": same[:k], "near_identical": len(close),
+                    "near_identical_examples": close[:k], "threshold": acfg.pair_similarity}
+    if same:
+        warn(f"{len(same)} pairs have identical chosen and rejected ({_where(same, k)}): no preference to learn "
+             f"(DPO's gradient is 0 on them); drop them")
+    if close:
+        report.signals.append("near_identical_pairs")
+        warn(f"{len(close)} pairs are near-identical (token edit similarity >= {acfg.pair_similarity:g}; "
+             f"{_where(close, k)}): a few tokens separate chosen from rejected, and DPO drives their loss to 0 "
+             f"early by moving those tokens alone; drop them or soften with label_smoothing")
+    c = np.array([it.lengths["chosen"] for it in items])
+    r = np.array([it.lengths["rejected"] for it in items])
+    longer, shorter = float((c > r).mean()), float((c < r).mean())
+    report.length_bias = {"chosen_longer": round(longer, 4), "chosen_shorter": round(shorter, 4),
+                          "ties": round(1 - longer - shorter, 4), "mean_difference": round(float((c - r).mean()), 1)}
+    if max(longer, shorter) > acfg.length_bias:
+        report.signals.append("length_bias")
+        side = "longer" if longer > shorter else "shorter"
+        warn(f"length bias: chosen is the {side} answer in {max(longer, shorter):.1%} of pairs (mean difference "
+             f"{float((c - r).mean()):+.1f} tokens): DPO can learn length instead of quality; length-normalised "
+             f"losses (loss_type=sigmoid_norm, ipo, simpo) or LD-DPO (ld_alpha=0.5) remove that signal")
+
+
+def check_labels(report: Report, items: list[Item], cfg) -> None:
+    n, warn = len(items), report.warnings.append
     if report.format == "preference":
-        same, close = [], []
-        for it in items:
-            a, b = it.chosen_ids, it.rejected_ids
-            if a == b:
-                same.append(it.source)
-            elif overlap_bound(a, b) >= acfg.pair_similarity and edit_similarity(a, b) >= acfg.pair_similarity:
-                close.append(it.source)
-        report.pairs = {"identical": len(same), "identical_examples": same[:k], "near_identical": len(close),
-                        "near_identical_examples": close[:k], "threshold": acfg.pair_similarity}
-        if same:
-            warn(f"{len(same)} pairs have identical chosen and rejected ({_where(same, k)}): no preference to learn "
-                 f"(DPO's gradient is 0 on them); drop them")
-        if close:
-            report.signals.append("near_identical_pairs")
-            warn(f"{len(close)} pairs are near-identical (token edit similarity >= {acfg.pair_similarity:g}; "
-                 f"{_where(close, k)}): a few tokens separate chosen from rejected, and DPO drives their loss to 0 "
-                 f"early by moving those tokens alone; drop them or soften with label_smoothing")
-        c = np.array([it.lengths["chosen"] for it in items])
-        r = np.array([it.lengths["rejected"] for it in items])
-        longer, shorter = float((c > r).mean()), float((c < r).mean())
-        report.length_bias = {"chosen_longer": round(longer, 4), "chosen_shorter": round(shorter, 4),
-                              "ties": round(1 - longer - shorter, 4), "mean_difference": round(float((c - r).mean()), 1)}
-        if max(longer, shorter) > acfg.length_bias:
-            report.signals.append("length_bias")
-            side = "longer" if longer > shorter else "shorter"
-            warn(f"length bias: chosen is the {side} answer in {max(longer, shorter):.1%} of pairs (mean difference "
-                 f"{float((c - r).mean()):+.1f} tokens): DPO can learn length instead of quality; length-normalised "
-                 f"losses (loss_type=sigmoid_norm, ipo, simpo) or LD-DPO (ld_alpha=0.5) remove that signal")
+        n_d = n_u = n  # each pair gives one desirable and one undesirable example
+    else:
+        n_d = sum(1 for it in items if it.label)
+        n_u = n - n_d
+    dw, uw = cfg.desirable_weight, cfg.undesirable_weight
+    report.labels = {"desirable": n_d, "undesirable": n_u, "desirable_weight": dw, "undesirable_weight": uw}
+    if not n_d or not n_u:
+        warn(f"KTO needs both desirable and undesirable examples; got {n_d} desirable and {n_u} undesirable")
+    else:
+        ratio = dw * n_d / (uw * n_u)
+        report.labels["weighted_ratio"] = round(ratio, 4)
+        fix = None
+        if ratio < 1:
+            fix = f"desirable_weight={_ceil2(uw * n_u / n_d):g}"
+        elif ratio > 4 / 3:
+            fix = f"undesirable_weight={_ceil2(dw * n_d / (n_u * 4 / 3)):g}"
+        if fix:
+            report.signals.append("label_imbalance")
+            report.labels["suggested"] = fix
+            warn(f"KTO class balance: (desirable_weight x {n_d}) / (undesirable_weight x {n_u}) = {ratio:.3f}, "
+                 f"outside the recommended [1, 4/3] (KTO paper, Ethayarajh et al. 2024); set {fix}")
 
-    # --- KTO label balance
-    if command == "kto":
-        if report.format == "preference":
-            n_d = n_u = n  # each pair gives one desirable and one undesirable example
-        else:
-            n_d = sum(1 for it in items if it.label)
-            n_u = n - n_d
-        dw, uw = cfg.desirable_weight, cfg.undesirable_weight
-        report.labels = {"desirable": n_d, "undesirable": n_u, "desirable_weight": dw, "undesirable_weight": uw}
-        if not n_d or not n_u:
-            warn(f"KTO needs both desirable and undesirable examples; got {n_d} desirable and {n_u} undesirable")
-        else:
-            ratio = dw * n_d / (uw * n_u)
-            report.labels["weighted_ratio"] = round(ratio, 4)
-            fix = None
-            if ratio < 1:
-                fix = f"desirable_weight={_ceil2(uw * n_u / n_d):g}"
-            elif ratio > 4 / 3:
-                fix = f"undesirable_weight={_ceil2(dw * n_d / (n_u * 4 / 3)):g}"
-            if fix:
-                report.signals.append("label_imbalance")
-                report.labels["suggested"] = fix
-                warn(f"KTO class balance: (desirable_weight x {n_d}) / (undesirable_weight x {n_u}) = {ratio:.3f}, "
-                     f"outside the recommended [1, 4/3] (KTO paper, Ethayarajh et al. 2024); set {fix}")
 
-    # --- prompt-only data: something for the verifiers to check
-    if report.format == "prompt_only":
-        with_answer = [it for it in items if it.answer not in (None, "")]
-        report.prompts = {"with_answer": len(with_answer), "without_answer": n - len(with_answer),
-                          "has_solution_column": any("solution" in r.data for r in raw_rows)}
-        if not with_answer:
-            warn("no `answer` column: the accuracy verifier has nothing to check; give each prompt its answer, or "
-                 "train with reward_funcs=reward_model / your own module:function")
-        elif len(with_answer) < n:
-            missing = [it.source for it in items if it.answer in (None, "")]
-            warn(f"{len(missing)} prompts have no answer ({_where(missing, k)}): the accuracy verifier scores them "
-                 f"None and they teach nothing")
+def check_answers(report: Report, items: list[Item], raw_rows: list, acfg: AuditConfig) -> None:
+    k, n, warn = acfg.examples, len(items), report.warnings.append
+    with_answer = [it for it in items if it.answer not in (None, "")]
+    report.prompts = {"with_answer": len(with_answer), "without_answer": n - len(with_answer),
+                      "has_solution_column": any("solution" in r.data for r in raw_rows)}
+    if not with_answer:
+        warn("no `answer` column: the accuracy verifier has nothing to check; give each prompt its answer, or "
+             "train with reward_funcs=reward_model / your own module:function")
+    elif len(with_answer) < n:
+        missing = [it.source for it in items if it.answer in (None, "")]
+        warn(f"{len(missing)} prompts have no answer ({_where(missing, k)}): the accuracy verifier scores them "
+             f"None and they teach nothing")
 
 
 def _ceil2(x: float) -> float:
@@ -570,7 +585,7 @@ def render(r: Report) -> str:
     fmt = r.format.replace("_", "-")
     lines = [f"posttrain audit {r.data}",
              f"format: {fmt}, {r.rows} rows ({len(r.invalid)} invalid), read as `posttrain {r.command}` reads it: "
-             + ", ".join(f"{k} {v}" for k, v in r.settings.items()), ""]
+             + ", ".join(f"{k} {'none' if v is None else v}" for k, v in r.settings.items()), ""]
     if r.lengths:
         lines.append(f"  {'tokens':<12}{'mean':>8}{'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}")
         for col, s in r.lengths.items():

@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from posttrain import cli
+from posttrain.activations import Batch, Training, layer_extra_bytes, layer_saved_bytes
 from posttrain.config import LoraConfig, UserError
-from posttrain.memory import (
-    PRESETS,
-    RUNTIME_BYTES,
-    GiB,
-    Shape,
-    Training,
-    estimate,
-    fit_changes,
-    layer_extra_bytes,
-    layer_saved_bytes,
-    model_shape,
-    plan,
-    resolve,
-    shape_from_config,
-)
+from posttrain.memory import RUNTIME_BYTES, GiB, _packed, estimate, fit_changes, plan, resolve
+from posttrain.shapes import PRESETS, Shape, model_shape, shape_from_config
 
 # ------------------------------------------------------------------------------------------- parameter counts
 
@@ -166,8 +154,6 @@ def test_layer_saved_bytes_equals_what_autograd_keeps(tokenizer, targets, lean, 
     key/value heads)."""
     shape = Shape("tiny", 64, 3, 4, 2, 16, 128, 320, True)
     t = Training(targets, 4 if targets else 0, lean, False, bf16, w)
-    from posttrain.memory import Batch
-
     per_layer_mask = layer_extra_bytes(shape, t, Batch(48, 0, 2, 24, masked, 0, "")) / 48
     assert _saved_bytes_per_token(tokenizer, t, masked) == layer_saved_bytes(shape, t, masked) + per_layer_mask
 
@@ -219,8 +205,6 @@ def _saved_bytes_of_unit_layout(tokenizer, t: Training, prompts=(12, 20), comple
 def test_unit_layout_saved_bytes_equal_what_autograd_keeps(tokenizer, targets, bf16, w):
     """The packed shared-prefix layout attends one unit at a time: every completion keeps the keys and values it
     sees (prompt + its own) and its mask; the formula plus those per-layer extras equals the saved-tensor count."""
-    from posttrain.memory import _packed
-
     shape = Shape("tiny", 64, 3, 4, 2, 16, 128, 320, True)
     t = Training(targets, 4 if targets else 0, True, False, bf16, w)
     measured, seen = _saved_bytes_of_unit_layout(tokenizer, t)
