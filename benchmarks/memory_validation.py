@@ -116,11 +116,19 @@ def baseline() -> int:
     return rss
 
 
+def _commit() -> str:
+    """The commit measured: POSTTRAIN_COMMIT when set (a run from an exported copy of the tree, which has no .git,
+    so that edits to the working tree cannot change the code under a measurement that takes hours), else HEAD."""
+    if os.environ.get("POSTTRAIN_COMMIT"):
+        return os.environ["POSTTRAIN_COMMIT"]
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                          check=True).stdout.strip()
+
+
 def run(names: list[str] | None, json_out: str | None) -> list[dict]:
     from posttrain.memory import plan
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                            check=True).stdout.strip()
+    commit = _commit()
     base = baseline()
     print(f"runtime baseline (peak RSS, no model): {base / GiB:.3f} GiB", flush=True)
     results = []
@@ -163,8 +171,7 @@ def replan(json_in: str) -> None:
     from posttrain.memory import plan
 
     old = json.loads(Path(json_in).read_text())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                            check=True).stdout.strip()
+    commit = _commit()
     configs = {name: (command, settings) for name, command, settings in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="posttrain-memval-") as tmp:
         files = write_data(Path(tmp) / "data")
