@@ -40,8 +40,9 @@ class Training:
         return self.full or module in self.lora_targets
 
     def lean(self) -> bool:
-        """The lean SwiGLU backward applies to MLPs without adapters (posttrain.models.lean_mlp)."""
-        return self.lean_mlp and not set(self.lora_targets) & {"gate_proj", "up_proj", "down_proj"}
+        """The lean SwiGLU backward applies unless down_proj carries an adapter (posttrain.models.lean_mlp: gate and
+        up are called as modules, adapters included; a wrapped down_proj takes the stock forward)."""
+        return self.lean_mlp and "down_proj" not in self.lora_targets
 
 
 @dataclass(frozen=True)

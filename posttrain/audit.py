@@ -29,9 +29,11 @@ from posttrain.config import UserError, load_config, opt
 # The training command each data format is read for by default, and the kind of data each command consumes.
 DEFAULT_COMMAND = {"preference": "dpo", "unpaired": "kto", "prompt_only": "grpo", "prompt_completion": "sft",
                    "language_modeling": "sft"}
-KIND = {"sft": "sft", "dpo": "preference", "rm": "preference", "kto": "unpaired", "grpo": "prompt"}
+KIND = {"sft": "sft", "dpo": "preference", "rm": "preference", "kto": "unpaired", "grpo": "prompt",
+        "online-dpo": "prompt"}
 MODULES = {"sft": "posttrain.algorithms.sft", "dpo": "posttrain.algorithms.dpo", "rm": "posttrain.algorithms.rm",
-           "kto": "posttrain.algorithms.kto", "grpo": "posttrain.algorithms.grpo"}
+           "kto": "posttrain.algorithms.kto", "grpo": "posttrain.algorithms.grpo",
+           "online-dpo": "posttrain.algorithms.online_dpo"}
 
 
 @dataclass
@@ -40,7 +42,7 @@ class AuditConfig:
 
     command: str | None = opt(None, "Audit for this training command (its defaults and limits); default: by the "
                                     "data's format (pairs: dpo, unpaired: kto, prompt-only: grpo, otherwise sft).",
-                              ("sft", "dpo", "rm", "kto", "grpo"))
+                              ("sft", "dpo", "rm", "kto", "grpo", "online-dpo"))
     pair_similarity: float = opt(0.9, "Chosen and rejected count as near-identical at this normalised token edit "
                                       "similarity (1 - edit distance / longer length) or above.")
     duplicate_similarity: float = opt(0.8, "Prompts count as near-duplicates at this Jaccard similarity of their "
@@ -162,6 +164,7 @@ class Item:
     source: str
     prompt_text: str  # the prompt (or the whole text of language-modeling rows), for duplicate checks
     lengths: dict  # column -> tokens: prompt, completion / chosen / rejected, sequence
+    kept: dict | None = None  # the same columns after the length limits (None: the row is dropped)
     truncated: bool = False
     dropped: bool = False
     chosen_ids: list | None = None
@@ -249,60 +252,63 @@ def read_valid(spec: str, command: str, split: str, max_samples: int | None):
     return fmt, good, bad
 
 
-def _cut(p: int, c: int, max_length: int, max_prompt_length: int | None) -> tuple[bool, bool]:
-    """(truncated, dropped) of one prompt + completion under training's rule (posttrain.data.tokenize.truncate_pair)."""
-    kept_p = min(p, max_prompt_length) if max_prompt_length else p
-    if kept_p >= max_length:
-        return True, True
-    return kept_p < p or kept_p + c > max_length, False
-
-
 def tokenize(command: str, fmt: str, rows: list, tok, cfg) -> tuple[list[Item], list]:
-    """Items with their lengths and what the limits do to them; rows the tokenizer rejects are invalid."""
-    from posttrain.data.tokenize import encode_conversation, encode_pair
+    """Items with their token lengths before and after the limits, cut by training's own functions
+    (`truncate_pair`, `encode_sft_row`, `encode_for_reward`, `prompt_examples`); rows the tokenizer or the chat
+    template rejects are invalid (source, reason)."""
+    from posttrain.data.formats import Dataset
+    from posttrain.data.tokenize import encode_pair, encode_sft_row, row_errors, truncate_pair
+    from posttrain.rollout.groups import prompt_examples
 
     items, bad = [], []
-    L, P = cfg.max_length, cfg.max_prompt_length
+    L, P, mode = cfg.max_length, cfg.max_prompt_length, getattr(cfg, "truncation_mode", "keep_start")
+
+    def cut(p: list, c: list) -> tuple[int, int] | None:
+        kept = truncate_pair(p, c, L, P, mode)
+        return None if kept is None else (len(kept[0]), len(kept[1]))
+
     for r in rows:
         d = r.data
         try:
-            if fmt == "preference":
-                p, c = encode_pair(tok, d["prompt"], d["chosen"])
-                _, j = encode_pair(tok, d["prompt"], d["rejected"])
-                lengths = {"prompt": len(p), "chosen": len(c), "rejected": len(j)}
-                if command == "rm":  # the reward model reads the whole rendered sequence, cut from its start
-                    from posttrain.algorithms.rm import encode_for_reward
+            with row_errors(r.source):
+                if fmt == "preference":
+                    p, c = encode_pair(tok, d["prompt"], d["chosen"])
+                    _, j = encode_pair(tok, d["prompt"], d["rejected"])
+                    lengths = {"prompt": len(p), "chosen": len(c), "rejected": len(j)}
+                    if command == "rm":  # the reward model reads the whole rendered sequence, cut from its start
+                        from posttrain.algorithms.rm import encode_for_reward
 
-                    full = [len(encode_for_reward(tok, d["prompt"], d[k], 10**9, P)) for k in ("chosen", "rejected")]
-                    lengths.update(chosen_sequence=full[0], rejected_sequence=full[1])
-                    cut = [(n > L or bool(P and len(p) > P), False) for n in full]
-                else:
-                    cut = [_cut(len(p), len(c), L, P), _cut(len(p), len(j), L, P)]
-                it = Item(r.source, _text(d["prompt"]), lengths, any(x[0] for x in cut), any(x[1] for x in cut), c, j)
-            elif fmt in ("unpaired", "prompt_completion"):
-                p, c = encode_pair(tok, d["prompt"], d["completion"])
-                t, dr = _cut(len(p), len(c), L, P)
-                it = Item(r.source, _text(d["prompt"]), {"prompt": len(p), "completion": len(c)}, t, dr,
-                          label=d.get("label"))
-            elif fmt == "language_modeling":
-                if "messages" in d:
-                    enc = encode_conversation(tok, d["messages"], cfg.assistant_only_loss)
-                    n, text = len(enc.input_ids), _text(d["messages"])
-                    dropped = sum(enc.mask[:L]) == 0
-                else:
-                    n, text = len(tok(d["text"])["input_ids"]), d["text"]
-                    dropped = False
-                it = Item(r.source, text, {"sequence": n}, n > L, dropped)
-            else:  # prompt-only, as GRPO builds its prompts (chat template, prompt_suffix)
-                from posttrain.algorithms.grpo import prompt_examples
-                from posttrain.data.formats import Dataset
-
-                ex = prompt_examples(Dataset([r], "", fmt), tok, dataclasses.replace(cfg, max_prompt_length=None))[0]
-                n = len(ex.prompt_ids)
-                it = Item(r.source, _text(d["prompt"]), {"prompt": n}, bool(P and n > P), False, answer=d.get("answer"))
+                        full = [len(encode_for_reward(tok, d["prompt"], d[k], 10**9)) for k in ("chosen", "rejected")]
+                        lengths.update(chosen_sequence=full[0], rejected_sequence=full[1])
+                        kept = {f"{k}_sequence": len(encode_for_reward(tok, d["prompt"], d[k], L, P))
+                                for k in ("chosen", "rejected")}
+                    else:
+                        a, b = cut(p, c), cut(p, j)
+                        kept = None if a is None or b is None else {"prompt": a[0], "chosen": a[1], "rejected": b[1]}
+                    it = Item(r.source, _text(d["prompt"]), lengths, kept=kept, chosen_ids=c, rejected_ids=j)
+                elif fmt in ("unpaired", "prompt_completion"):
+                    p, c = encode_pair(tok, d["prompt"], d["completion"])
+                    a = cut(p, c)
+                    it = Item(r.source, _text(d["prompt"]), {"prompt": len(p), "completion": len(c)},
+                              kept=None if a is None else {"prompt": a[0], "completion": a[1]}, label=d.get("label"))
+                elif fmt == "language_modeling":
+                    opts = {"max_prompt_length": P, "completion_only": True, "assistant_only": cfg.assistant_only_loss,
+                            "truncation_mode": mode}
+                    whole = encode_sft_row(tok, d, max_length=10**9, **opts)
+                    enc = encode_sft_row(tok, d, max_length=L, **opts)
+                    it = Item(r.source, _text(d.get("messages", d.get("text"))),
+                              {"sequence": len(whole.input_ids) if whole else 0},
+                              kept=None if enc is None else {"sequence": len(enc.input_ids)})
+                else:  # prompt-only, as the online methods build their prompts (chat template, prompt_suffix)
+                    ex = prompt_examples(Dataset([r], "", fmt), tok, dataclasses.replace(cfg, max_prompt_length=None))[0]
+                    n = len(ex.prompt_ids)
+                    it = Item(r.source, _text(d["prompt"]), {"prompt": n}, kept={"prompt": min(n, P) if P else n},
+                              answer=d.get("answer"))
         except UserError as e:
-            bad.append((r.source, str(e)))
+            bad.append((r.source, str(e).removeprefix(f"{r.source}: ")))
             continue
+        it.dropped = it.kept is None
+        it.truncated = it.dropped or any(it.kept[k] != it.lengths[k] for k in it.kept)
         if "prompt" in it.lengths and fmt in ("preference", "unpaired", "prompt_completion"):
             it.lengths["sequence"] = it.lengths["prompt"] + max(v for k, v in it.lengths.items() if k != "prompt")
         items.append(it)
@@ -497,10 +503,10 @@ def pass_rate(report: Report, items: list[Item], raw_rows: list, cfg, tok, acfg:
 
     import torch
 
-    from posttrain.algorithms.grpo import prompt_examples
     from posttrain.data.formats import Dataset
     from posttrain.evaluate import evaluate_prompts
     from posttrain.models import load_model
+    from posttrain.rollout.groups import prompt_examples
     from posttrain.rollout.rewards import load_reward_funcs
 
     with_answer = [r for r, it in zip(raw_rows, items) if it.answer not in (None, "")]
@@ -561,7 +567,7 @@ def audit(spec: str, settings: list[str], config_file: str | None = None) -> Rep
     rows = [r for r in rows if r.source in valid_sources]
     limits = {"tokenizer": cfg.tokenizer or cfg.model, "max_length": cfg.max_length,
               "max_prompt_length": cfg.max_prompt_length}
-    if command == "grpo":
+    if KIND[command] == "prompt":
         limits.update(max_completion_length=cfg.max_completion_length, num_generations=cfg.num_generations)
     report = Report(spec, cfg.model, command, fmt, limits, len(rows) + len(invalid), invalid)
     if invalid:
@@ -573,7 +579,7 @@ def audit(spec: str, settings: list[str], config_file: str | None = None) -> Rep
     if cfg.eval_dataset:
         eval_overlap(report, items, cfg, command, tok, acfg)
     model_given = any(s.startswith("model=") for s in rest)
-    if fmt == "prompt_only" and command == "grpo" and model_given:
+    if fmt == "prompt_only" and KIND[command] == "prompt" and model_given:
         pass_rate(report, items, rows, cfg, tok, acfg)
     from posttrain.guide import rows as guide_rows
 

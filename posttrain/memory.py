@@ -218,7 +218,8 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
     from posttrain.data.tasks import builtin_task
     from posttrain.models import load_tokenizer
 
-    spec = cfg.dataset or importlib.import_module(RECIPES[command].module).DEFAULT_DATASET
+    # With no dataset, every training command trains on its built-in task (arithmetic).
+    spec = cfg.dataset or getattr(importlib.import_module(RECIPES[command].module), "DEFAULT_DATASET", "arithmetic")
     local = Path(spec).expanduser().exists()
     try:
         builtin = not local and builtin_task(spec, "prompt", split="train") is not None
@@ -235,29 +236,21 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
     except (UserError, OSError) as e:
         return None, f"lengths at the limits ({str(e).splitlines()[0][:120]})"
     items, _ = tokenize(command, fmt, rows, tok, cfg)
-    L, P = cfg.max_length, cfg.max_prompt_length
-
-    def kept(p: int, c: int) -> tuple[int, int] | None:
-        p = min(p, P) if P else p
-        return None if p >= L else (p, min(c, L - p))
-
     out = []
     for it in items:
-        n = it.lengths
-        if command == "grpo":
-            out.append(min(n["prompt"], P) if P else n["prompt"])
+        k = it.kept
+        if k is None:  # dropped by the limits: training never sees it
+            continue
+        if command in ("grpo", "online-dpo"):
+            out.append(k["prompt"])
         elif command == "rm":
-            out.append((min(n["chosen_sequence"], L), min(n["rejected_sequence"], L)))
-        elif "sequence" in n and "prompt" not in n:  # language modeling
-            out.append(min(n["sequence"], L))
-        elif fmt == "preference":
-            a, b = kept(n["prompt"], n["chosen"]), kept(n["prompt"], n["rejected"])
-            if a and b:
-                out.append((a[0], a[1], b[1]) if command == "dpo" else sum(a))
-                if command == "kto":
-                    out.append(sum(b))
-        elif (k := kept(n["prompt"], n["completion"])) is not None:
-            out.append(sum(k))
+            out.append((k["chosen_sequence"], k["rejected_sequence"]))
+        elif command == "dpo":
+            out.append((k["prompt"], k["chosen"], k["rejected"]))
+        elif "chosen" in k:  # kto on pairs: two examples
+            out += [k["prompt"] + k["chosen"], k["prompt"] + k["rejected"]]
+        else:
+            out.append(k.get("sequence", k.get("prompt", 0) + k.get("completion", 0)))
     if not out:
         return None, "lengths at the limits (no example survives truncation)"
     return out, f"lengths from {spec} ({len(items)} rows, tokenized as training does)"
@@ -270,16 +263,42 @@ def _offline_reference(cfg) -> str:
     return choose(needed=needed, path=cfg.ref_model, precompute=cfg.precompute_ref_log_probs, lora=cfg.lora is not None)
 
 
+def _online_dpo_reference(cfg) -> str:
+    from posttrain.reference import choose
+
+    needed = not cfg.reference_free()
+    return choose(needed=needed, path=getattr(cfg, "ref_model", None), lora=cfg.lora is not None)
+
+
 def _grpo_reference(cfg) -> str:
     from posttrain.reference import choose
 
     return choose(needed=cfg.beta > 0, path=getattr(cfg, "ref_model", None), lora=cfg.lora is not None)
 
 
+def head_bytes(scored: int, vocab: int, hidden: int, w: int, wrapped: bool = False) -> int:
+    """The LM head over `scored` positions at the start of backward (posttrain.logprobs): the softmax chunks kept
+    from forward, up to KEEP_BYTES (chunk by chunk, in order), the chunk being worked on and its gradient, and
+    the hidden states' gradient. A head carrying a LoRA adapter runs as a module instead: [scored, vocab] float32
+    logits at once, with the softmax autograd keeps beside them."""
+    from posttrain.logprobs import KEEP_BYTES
+
+    if wrapped:
+        return 3 * 4 * scored * vocab + w * hidden * scored
+    c = min(auto_chunk(vocab), scored)
+    kept, budget = 0, KEEP_BYTES
+    for start in range(0, scored, c):
+        size = 4 * min(c, scored - start) * vocab
+        if size > budget:
+            break
+        kept, budget = kept + size, budget - size
+    return kept + 2 * 4 * c * vocab + w * hidden * scored
+
+
 def _grpo_extras(cfg, s: Shape) -> list[Extra]:
     funcs = cfg.reward_funcs or (["reward_model"] if cfg.reward_model else [])
-    if "reward_model" not in funcs or not cfg.reward_model:
-        return []
+    if "reward_model" not in funcs or not cfg.reward_model or getattr(cfg, "reward_isolation", "thread") == "process":
+        return []  # reward_isolation=process: it lives in a worker process of its own
     why = f"scores completions (reward_model={cfg.reward_model})"
     if Path(cfg.reward_model).expanduser().exists():
         rm = model_shape(cfg.reward_model, cfg.trust_remote_code)
@@ -290,6 +309,16 @@ def _grpo_extras(cfg, s: Shape) -> list[Extra]:
 
 # PPO (issue 12) joins as one more entry: GRPO's batch and generation, its reference rule, and extras for the
 # reward model and a separate critic (a value head shared with the policy adds only H parameters).
+def online_dpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
+    """Pairs of sampled completions (the best and the worst of each prompt's group), laid out as DPO lays out
+    pairs: each prompt once with both completions, every completion at max_completion_length."""
+    B, C = cfg.micro_batch_size, cfg.max_completion_length
+    prompts = _longest(data, B) if data else [cfg.max_prompt_length or cfg.max_length] * B
+    return _packed([(p, [C, C]) for p in prompts], 2 * B * C,
+                   f"{B} sampled pairs x 2 x {C} tokens after {'the longest ' if data else ''}prompts of "
+                   f"{max(prompts)} tokens")
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("posttrain.algorithms.sft", "sequences", sft_batch),
     "dpo": Recipe("posttrain.algorithms.dpo", "pairs", dpo_batch, _offline_reference),
@@ -297,6 +326,8 @@ RECIPES: dict[str, Recipe] = {
     "rm": Recipe("posttrain.algorithms.rm", "pairs", rm_batch, head="score"),
     "grpo": Recipe("posttrain.algorithms.grpo", "completions", grpo_batch, _grpo_reference,
                    generation=grpo_generation, extras=_grpo_extras),
+    "online-dpo": Recipe("posttrain.algorithms.online_dpo", "pairs", online_dpo_batch, _online_dpo_reference,
+                         generation=grpo_generation, extras=_grpo_extras),
 }
 # The reference-free preference losses, by name: `posttrain memory simpo` is `posttrain memory dpo loss_type=simpo`.
 ALIASES = {"simpo": ("dpo", "loss_type=simpo"), "cpo": ("dpo", "loss_type=cpo"), "orpo": ("dpo", "loss_type=orpo")}
@@ -419,12 +450,14 @@ def training_of(cfg, shape: Shape) -> Training:
     w = DTYPE_BYTES[shape.dtype if dtype == "auto" else dtype]
     if cfg.lora is None:
         return Training(lean_mlp=cfg.lean_mlp, checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, weight_bytes=w)
-    targets = list(cfg.lora.target_modules)
-    if targets == ["all-linear"] or targets == "all-linear":
-        targets = list(LINEARS)
-    unknown = [m for m in targets if m not in LINEARS]
+    targets = cfg.lora.target_modules
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if [str(m).lower() for m in targets] == ["all-linear"]:
+        targets = list(LINEARS)  # peft's shorthand: every linear layer but the output head
+    unknown = [m for m in targets if m not in (*LINEARS, "lm_head")]
     if unknown:
-        raise UserError(f"lora.target_modules: {', '.join(unknown)} not found in the model (it has {', '.join(LINEARS)})")
+        raise UserError(f"lora.target_modules: {', '.join(map(str, unknown))} not found in the model (it has "
+                        f"{', '.join(LINEARS)}, lm_head)")
     return Training(tuple(targets), cfg.lora.r, cfg.lean_mlp, cfg.gradient_checkpointing, cfg.bf16, w)
 
 
@@ -446,8 +479,9 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
         trainable, frozen, tw = N, 0, w
     else:
         tw = 4
-        per_layer = sum(t.lora_r * sum(s.dims(m)) for m in t.lora_targets)
-        trainable = L * per_layer + (2 * H if recipe.head == "score" else 0)  # peft: the score head trains (+ its saved copy)
+        per_layer = sum(t.lora_r * sum(s.dims(m)) for m in t.lora_targets if m in LINEARS)
+        head = t.lora_r * (H + V) if "lm_head" in t.lora_targets else 0
+        trainable = L * per_layer + head + (2 * H if recipe.head == "score" else 0)  # peft: the score head trains (+ its saved copy)
         frozen = N
     models = [("policy", f"{N / 1e6:,.1f}M parameters, " + (
         "every one trained (full fine-tuning)" if t.full else
@@ -507,12 +541,9 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     other = rotary + final_norm + head_in + masks
     activations = L * kept + recomputed + other
     sizes["activations"] = activations
-    if S:
-        c = min(auto_chunk(V), S)
-        chunks = 2 * 4 * c * V + w * H * S  # two [chunk, vocab] float32 buffers and the hidden-state gradient
+    chunks = head_bytes(S, V, H, w, "lm_head" in t.lora_targets) if S else 0
+    if chunks:
         sizes["logits / log-prob chunks"] = chunks
-    else:
-        chunks = 0
     # Gradient buffers flowing through one layer's backward: the lean MLP rebuilds its activation and four
     # [tokens, MLP] gradients; attention its q/k/v gradients.
     working = e * T * (5 * s.intermediate + 4 * H)

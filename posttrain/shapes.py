@@ -36,7 +36,8 @@ class Shape:
         """(in, out) features of a projection."""
         H, q, kv, inter = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
         return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
-                "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}[module]
+                "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H),
+                "lm_head": (H, self.vocab)}[module]
 
     def layer_params(self) -> int:
         n = 2 * self.hidden  # the two RMSNorm weights
