@@ -642,9 +642,10 @@ def render(r: Report) -> str:
 
 TOOL = ToolSpec(
     usage="posttrain audit DATA [key=value ...] [--json] [--strict]",
-    positionals=(1, 1),
+    positionals=(0, 1),
     flags={"--json": bool, "--strict": bool},
-    help="""DATA: a file, a folder of files, a hub dataset or a built-in task, as `dataset=` takes it.
+    help="""DATA: a file, a folder of files, a hub dataset or a built-in task, as `dataset=` takes it (dataset=DATA
+works too).
 Settings: the training command's own keys (model= for the tokenizer and chat template, max_length,
 max_prompt_length, eval_dataset to check for overlap, ...; defaults are that command's), and the audit's:
 """ + "\n".join(f"  {f.name}: {f.metadata['help']} (default {f.default!r})" for f in dataclasses.fields(AuditConfig)) + """
@@ -655,7 +656,16 @@ With model= on prompt-only data: the model's pass rate on pass_rate_prompts prom
 
 
 def main(args: ToolArgs) -> int:
-    report = audit(args.positionals[0], args.settings, args.config_file)
+    # DATA, or dataset= as the training commands take it (then dropped from the settings: DATA is the dataset)
+    given = [s for s in args.settings if s.startswith("dataset=")]
+    if args.positionals:
+        spec = args.positionals[0]
+    elif given:
+        spec = given[-1].split("=", 1)[1]
+    else:
+        raise UserError(f"usage: {TOOL.usage}")
+    settings = [s for s in args.settings if not s.startswith("dataset=")]
+    report = audit(spec, settings, args.config_file)
     if args.flags.get("--json"):
         json.dump(dataclasses.asdict(report), sys.stdout, indent=1, default=str)
         print()

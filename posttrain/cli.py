@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class ToolArgs:
     config_file: str | None = None
 
 
+_SETTING_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")  # a config key, dotted for nested blocks (lora.r)
+
+
 def parse_tool_args(command: str, spec: ToolSpec, argv: list[str]) -> ToolArgs:
     """Split argv into positionals, declared flags (`--x`, `--x VALUE`, `--x=VALUE`) and key=value settings."""
     flags = {name: (False if kind is bool else None) for name, kind in spec.flags.items()}
@@ -87,8 +91,8 @@ def parse_tool_args(command: str, spec: ToolSpec, argv: list[str]) -> ToolArgs:
                     flags[name] = kind(inline)
                 except ValueError:
                     raise UserError(f"posttrain {command}: {name}: expected {kind.__name__}, got {inline!r}") from None
-        elif eq and name and not name.startswith(("/", ".")) and "/" not in name:
-            settings.append(arg)  # key=value (a path such as ./a=b.jsonl stays a positional)
+        elif eq and _SETTING_KEY.fullmatch(name):
+            settings.append(arg)  # key=value; a path (./a=b.jsonl) or a task spec (arithmetic:n=300) stays positional
         else:
             positionals.append(arg)
         i += 1

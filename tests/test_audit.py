@@ -83,6 +83,8 @@ def test_preference_defects_are_counted_and_named(tmp_path, tiny_model_dir, caps
     assert "LD-DPO (" in text and "<- this data: length bias" in text and "<- this data: near-identical pairs" in text
     assert cli.main(["audit", data, f"model={tiny_model_dir}", "max_length=160", "--strict"]) == 1
     capsys.readouterr()
+    _, same, _ = _audit(capsys, f"dataset={data}", f"model={tiny_model_dir}", "max_length=160")  # DATA as dataset=
+    assert same["pairs"] == r["pairs"] and same["rows"] == 7
     # The same pairs read for a reward model: RM keeps every row (truncating from the start), drops none.
     _, rm, _ = _audit(capsys, data, f"model={tiny_model_dir}", "max_length=160", "command=rm")
     assert rm["command"] == "rm" and rm["dropped"] == [] and f"{data}:6" in rm["truncated"]

@@ -171,6 +171,7 @@ def test_tool_commands_parse_positionals_flags_and_settings(monkeypatch, capsys,
     assert args.positionals == ["d.jsonl"] and args.settings == ["model=m", "lora.r=16"]
     assert args.flags == {"--json": True, "--budget": 24.0, "--out": "r.html"} and args.config_file == "c.yaml"
     assert cli.parse_tool_args("demo", spec, ["./x=y.jsonl"]).positionals == ["./x=y.jsonl"]
+    assert cli.parse_tool_args("demo", spec, ["arithmetic:levels=1-2,n=300"]).positionals == ["arithmetic:levels=1-2,n=300"]
     assert cli.parse_tool_args("demo", spec, ["x"]).flags == {"--json": False, "--budget": None, "--out": None}
 
     seen = {}
