@@ -213,8 +213,8 @@ def grpo_generation(cfg, nproc: int, data: list | None = None) -> Generation:
 
 def data_lengths(command: str, cfg) -> tuple[list | None, str]:
     """Per-example token counts of the run's own data after truncation, tokenized as training tokenizes it
-    (posttrain.audit.tokenize), or None and why not (no readable data, no tokenizer for a preset model)."""
-    from posttrain.audit import read_valid, tokenize
+    (posttrain.data.lengths.tokenize), or None and why not (no readable data, no tokenizer for a preset model)."""
+    from posttrain.data.lengths import read_valid, tokenize
     from posttrain.data.tasks import builtin_task
     from posttrain.models import load_tokenizer
 

@@ -25,9 +25,9 @@ def test_readme_section_is_the_guide_data():
 def test_every_entry_is_a_valid_command_with_the_planners_memory():
     import importlib
 
-    from posttrain.audit import MODULES
     from posttrain.config import load_config
     from posttrain.data.formats import KINDS
+    from posttrain.data.lengths import MODULES
     from posttrain.memory import plan
 
     formats = {f for kinds in KINDS.values() for f in kinds}
