@@ -15,7 +15,9 @@ from posttrain.config import LoraConfig, UserError
 from posttrain.data.formats import Dataset, Row
 from posttrain.engine import reduce_metrics
 from posttrain.models import load_model
-from posttrain.testing import tiny_tokenizer
+from posttrain.data.tokenize import encode_prompt
+from posttrain.models import apply_lora
+from posttrain.testing import assert_close_to_scale, tiny_tokenizer
 
 
 def make_cfg(**kw):
@@ -321,3 +323,50 @@ def test_real_data_train_accuracy_rises(tiny_model_dir, tmp_path):
     acc = [r["accuracy"] for r in rows]
     assert acc[0] <= 0.6 and min(acc[-4:]) >= 0.8, acc
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+
+
+def test_shared_prefix_packing_gives_the_padded_rewards_and_gradients(tiny_model_dir, tokenizer):
+    """Three pairs of conversations sharing a prompt (one of them a multi-turn one, one whose replies differ from
+    the first token), packed with each prompt once: the rewards equal those of the right-padded sequences read
+    alone, and so does every parameter's gradient of the loss, full fine-tuning and LoRA alike (the adapters of
+    every target module get a gradient)."""
+    convs = [
+        ([{"role": "user", "content": "What is 12 + 7?"}], "19", "It is 21, I think."),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+          {"role": "user", "content": "Bake bread?"}], "Mix flour, water, salt and yeast, then bake.", "No."),
+        ([{"role": "user", "content": "Say a word."}], "word", "the a an is of"),
+    ]
+    ds = Dataset([Row({"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+                       "rejected": [{"role": "assistant", "content": r}]}, f"f.jsonl:{i + 1}")
+                  for i, (p, c, r) in enumerate(convs)], "f.jsonl", "preference")
+    for lora in (None, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])):
+        grads, rewards = {}, {}
+        for shared in (False, True):
+            torch.manual_seed(0)
+            model = load_model(tiny_model_dir, head="score")
+            if lora is not None:
+                model = apply_lora(model, lora, "SEQ_CLS")
+                with torch.no_grad():  # B = 0 at init would leave every A without a gradient
+                    for n, p in model.named_parameters():
+                        if "lora_B" in n:
+                            p.normal_(0, 0.1)
+            cfg = make_cfg(micro_batch_size=3, shared_prefix=shared, lora=lora)
+            pairs = R.encode_pairs(tokenizer, ds, cfg)
+            algo = R.RewardModel(cfg, tokenizer.pad_token_id)
+            [mb] = algo.prepare(model, pairs)
+            assert (mb.prefixes is not None) == shared
+            if shared:  # each pair's prompt (and the template's opening of the reply) is run once
+                assert all(len(p) >= len(encode_prompt(tokenizer, c[0])) for p, c in zip(mb.prefixes, convs))
+                assert mb.num_tokens < sum(len(p.chosen) + len(p.rejected) for p in pairs)
+            rewards[shared] = R.batch_rewards(model, mb)
+            loss, _ = algo.loss(model, mb, 3.0)
+            loss.backward()
+            grads[shared] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        if lora is None:
+            expected = torch.tensor([alone(model, p.chosen) for p in pairs] + [alone(model, p.rejected) for p in pairs])
+            torch.testing.assert_close(rewards[False].detach(), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(rewards[True].detach(), rewards[False].detach(), rtol=0, atol=1e-5)
+        assert set(grads[True]) == set(grads[False])
+        for n, g in grads[False].items():
+            assert float(g.abs().max()) > 0, n  # every trainable parameter is reached
+            assert_close_to_scale(grads[True][n], g, rtol=1e-4, name=n)

@@ -37,7 +37,7 @@ from posttrain.config import TrainConfig, UserError, opt
 from posttrain.data import encode_dataset, load_train_eval
 from posttrain.data.tokenize import encode_prompt, is_conversation
 from posttrain.engine import Algorithm, Engine, Max, Mean, Min
-from posttrain.logprobs import hidden_states
+from posttrain.logprobs import hidden_states, pack_units, use_unit_attention
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.models import prepare_model, unwrap
 from posttrain.parallel import is_main
@@ -62,6 +62,8 @@ class Config(TrainConfig):
         None,
         "Peak learning rate (default 1e-5 full fine-tuning, 1e-4 with LoRA; TRL's RewardConfig uses 1e-4).",
     )  # type: ignore[assignment]
+    shared_prefix: bool = opt(True, "Run the tokens chosen and rejected share (the prompt) once per pair, packed without "
+                              "padding (same rewards, less compute).")
     command = "rm"
 
     def validate(self) -> None:
@@ -88,18 +90,22 @@ class RMBatch:
 
     input_ids, attention_mask  [2B, T]
     margin                     [B] float32, or None when the data has no margin column
+    prefixes                   shared_prefix: each pair's common first tokens (B lists); the rows of input_ids
+                               then hold only what follows them (at least one token each), and the pair runs
+                               packed (`packed_rewards`)
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     margin: torch.Tensor | None
+    prefixes: list | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0] // 2
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int(self.attention_mask.sum()) + sum(len(p) for p in self.prefixes or [])
 
 
 def encode_for_reward(
@@ -142,6 +148,47 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return _score_head(model)(h).squeeze(-1).float()
 
 
+def packed_rewards(model, prefixes: list[list[int]], rests: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[2B] rewards of B pairs whose two sequences share `prefixes[i]`: rows i and B + i of `rests` hold what follows
+    it (right-padded, `lengths` tokens). Each prefix runs once with both continuations after it in one packed row
+    (`posttrain.logprobs.pack_units`: a continuation attends to its prefix and causally to itself, its position
+    ids go on from the prefix's end), so every reward is read from the same context as in the whole sequence."""
+    base = unwrap(model)
+    units = use_unit_attention(base)
+    B = len(prefixes)
+    row_prompt = torch.arange(2 * B) % B
+    layout, index = pack_units(prefixes, row_prompt, lengths.tolist())
+    device = rests.device
+    ids = torch.zeros(layout.length, dtype=torch.long, device=device)
+    pos = torch.zeros(layout.length, dtype=torch.long, device=device)
+    ids[index["prompt_at"].to(device)] = index["prompt_ids"].to(device)
+    pos[index["prompt_at"].to(device)] = index["prompt_pos"].to(device)
+    j = torch.arange(rests.shape[1], device=device)
+    valid = j[None] < lengths.to(device)[:, None]
+    where = index["row_start"].to(device)[:, None] + j[None]
+    ids[where[valid]] = rests[valid]
+    pos[where[valid]] = (index["row_offset"].to(device)[:, None] + j[None]).expand_as(where)[valid]
+    if units:
+        hidden = hidden_states(model, ids[None], None, pos[None], units=layout)
+    else:  # the eager kernel: the same pattern as one block mask
+        hidden = hidden_states(model, ids[None], layout.dense_mask(device), pos[None])
+    last = index["row_start"].to(device) + lengths.to(device) - 1
+    return _score_head(model)(hidden[0, last]).squeeze(-1).float()
+
+
+def batch_rewards(model, mb: "RMBatch") -> torch.Tensor:
+    """[2B] rewards of a batch, packed when it carries shared prefixes."""
+    if mb.prefixes is not None:
+        return packed_rewards(model, mb.prefixes, mb.input_ids, mb.attention_mask.sum(-1))
+    return sequence_rewards(model, mb.input_ids, mb.attention_mask)
+
+
+def can_pack(model) -> bool:
+    """Packing needs an attention that takes the unit layout or a block mask (SDPA, eager); others (flash) pad."""
+    base = unwrap(model)
+    return use_unit_attention(base) or getattr(base.config, "_attn_implementation", "sdpa") == "eager"
+
+
 def distinct_pad_token(tok, model) -> None:
     """Make the pad token differ from EOS in the tokenizer and the model config (see module docstring).
 
@@ -166,8 +213,22 @@ def distinct_pad_token(tok, model) -> None:
     base.config.pad_token_id = tok.pad_token_id
 
 
-def collate_rm(pairs: list[RMPair], pad_id: int, with_margin: bool) -> RMBatch:
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the tokens a and b share at the start, leaving each at least one token of its own."""
+    n = 0
+    limit = min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def collate_rm(pairs: list[RMPair], pad_id: int, with_margin: bool, shared_prefix: bool = False) -> RMBatch:
+    prefixes = None
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if shared_prefix:
+        cut = [_common_prefix(p.chosen, p.rejected) for p in pairs]
+        prefixes = [p.chosen[:k] for p, k in zip(pairs, cut)]
+        seqs = [p.chosen[k:] for p, k in zip(pairs, cut)] + [p.rejected[k:] for p, k in zip(pairs, cut)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -175,21 +236,23 @@ def collate_rm(pairs: list[RMPair], pad_id: int, with_margin: bool) -> RMBatch:
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32) if with_margin else None
-    return RMBatch(ids, attn, margin)
+    return RMBatch(ids, attn, margin, prefixes)
 
 
 class RewardModel(Algorithm):
     def __init__(self, cfg: Config, pad_id: int, with_margin: bool = False):
         self.cfg, self.pad_id, self.with_margin = cfg, pad_id, with_margin
 
-    def _batches(self, pairs: list[RMPair], size: int) -> list[RMBatch]:
-        return [collate_rm(pairs[s : s + size], self.pad_id, self.with_margin) for s in range(0, len(pairs), size)]
+    def _batches(self, model, pairs: list[RMPair], size: int) -> list[RMBatch]:
+        packed = self.cfg.shared_prefix and can_pack(model)
+        return [collate_rm(pairs[s : s + size], self.pad_id, self.with_margin, packed)
+                for s in range(0, len(pairs), size)]
 
     def prepare(self, model, examples: list) -> list:
-        return self._batches(examples, self.cfg.micro_batch_size)
+        return self._batches(model, examples, self.cfg.micro_batch_size)
 
     def _compute(self, model, mb: RMBatch):
-        rewards = sequence_rewards(model, mb.input_ids, mb.attention_mask)
+        rewards = batch_rewards(model, mb)
         B = len(mb)
         return bradley_terry_loss(rewards[:B], rewards[B:], mb.margin, self.cfg.center_rewards_coefficient)
 
@@ -203,8 +266,8 @@ class RewardModel(Algorithm):
 
     def evaluate(self, model, examples: list) -> dict:
         chosen, rejected, margins = [], [], []
-        for mb in self._batches(examples, self.cfg.eval_batch_size):
-            rewards = sequence_rewards(model, mb.input_ids, mb.attention_mask)
+        for mb in self._batches(model, examples, self.cfg.eval_batch_size):
+            rewards = batch_rewards(model, mb)
             chosen.append(rewards[: len(mb)])
             rejected.append(rewards[len(mb) :])
             if mb.margin is not None:
