@@ -1,0 +1,68 @@
+"""benchmarks/learning.py: its statistics by hand, and one row run end to end on the tiny model (--quick)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, needs_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_learning():
+    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "benchmarks" / "learning.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_gain_and_binomial_se_by_hand():
+    """before (1, 0, 0, 1), after (1, 1, 0, 0): differences (0, 1, 0, -1), mean 0, sample variance 2/3, SE
+    sqrt(2/3 / 4). after (1, 1, 1, 1): differences (0, 1, 1, 0): mean 0.5, variance 1/3, SE sqrt(1/12)."""
+    L = load_learning()
+    assert L.paired_gain([1, 0, 0, 1], [1, 1, 0, 0]) == pytest.approx((0.0, math.sqrt(2 / 3 / 4)))
+    assert L.paired_gain([1, 0, 0, 1], [1, 1, 1, 1]) == pytest.approx((0.5, math.sqrt(1 / 12)))
+    assert L.binomial_se(0.6, 300) == pytest.approx(math.sqrt(0.24 / 300))
+
+
+def test_time_v_parsing():
+    L = load_learning()
+    text = ("\tUser time (seconds): 75.96\n\tSystem time (seconds): 26.14\n"
+            "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:05:18.72\n\tMaximum resident set size (kbytes): 1126672\n")
+    t = L._parse_time_v(text)
+    assert t["wall_s"] == pytest.approx(3600 + 5 * 60 + 18.72)
+    assert t["cpu_s"] == pytest.approx(102.1) and t["peak_rss_gb"] == pytest.approx(1126672 * 1024 / 1e9)
+
+
+def test_by_column_counts_per_type(tmp_path):
+    L = load_learning()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"type": t}) + "\n" for t in ["add", "mul", "add", "add"]))
+    assert L.by_column([1.0, 0.0, 0.0, 1.0], data, "type", None) == {"add": "2/3", "mul": "0/1"}
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_arith_row_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, capsys):
+    """--quick: before-eval, SFT, eval, GRPO, eval on 8 test problems with the tiny model; the printed line and the
+    JSON record hold the accuracies (0: random text), their standard errors and the measured costs."""
+    L = load_learning()
+    out = tmp_path / "rows.jsonl"
+    rc = L.main(["arith", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+                 "--data", str(SHARED_DATA), "--json", str(out), "--seeds", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["row"] == "arith" and record["quick"] and record["line"] in printed
+    d = record["details"]
+    assert d["before"]["n"] == 8 and d["before"]["accuracy"] == 0.0
+    for stage in ("sft", "grpo"):
+        s = d["seed3"][stage]
+        assert s["accuracy"] == 0.0 and s["gain"] == 0.0 and s["steps"] == 2 and s["peak_rss_gb"] > 0
+    assert "NOT met" in record["line"] and "0.0% ± 0.0%" in record["line"]
+    assert [s["name"] for s in record["steps"]] == ["before", "sft (seed 3)", "eval after sft (seed 3)",
+                                                    "grpo (seed 3)", "eval after grpo (seed 3)"]
