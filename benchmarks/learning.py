@@ -2,6 +2,12 @@
 
     python benchmarks/learning.py ROW [--seeds 1,2] [--quick] [--json benchmarks/learning.json]
 
+    # the same row as separate jobs (so a shared job queue can interleave other work), then the report:
+    python benchmarks/learning.py ROW --part before --resume
+    python benchmarks/learning.py ROW --part train --seeds 1 --resume     # one job per seed
+    python benchmarks/learning.py ROW --part train --seeds 2 --resume
+    python benchmarks/learning.py ROW --seeds 1,2 --resume                # reuses every finished step
+
 Rows (recipes in examples/; SmolLM2-135M-Instruct, float32, this CPU):
 
     arith   arith_train -> arith_test (300): greedy accuracy before, SFT warm-up on the `solution` column, GRPO,
@@ -17,7 +23,8 @@ prompts / sqrt(n)), and a gain also with the *paired* standard error (the std of
 / sqrt(n)), which is what says whether a gain on the same test problems is real. Preference accuracies (DPO,
 RM) are binomial: sqrt(p (1 - p) / n). The machine is shared: the load average during every command is
 recorded, and so is its CPU time (user + sys), which does not grow with other people's load the way wall time
-does. `--quick` runs every step with a few examples (a smoke test: its numbers mean nothing).
+does. `--resume` reuses a step finished earlier with the very same command (its record sits next to its
+output folder as NAME.step.json), so a row can be run in parts and assembled. `--quick` runs every step with a few examples (a smoke test: its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -80,13 +88,28 @@ def _parse_time_v(text: str) -> dict:
 
 
 class Runner:
-    def __init__(self, work: Path, model: str, threads: int | None, verbose: bool):
+    def __init__(self, work: Path, model: str, threads: int | None, verbose: bool, resume: bool = False,
+                 part: str = "all"):
         self.work, self.model, self.threads, self.verbose = work, model, threads, verbose
+        self.resume, self.part = resume, part
         self.steps: list[Step] = []
 
     def run(self, name: str, command: str, args: list[str], out_dir: Path) -> Step:
-        """`posttrain COMMAND ARGS` in its own process; stops the benchmark when it fails."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """`posttrain COMMAND ARGS` in its own process; stops the benchmark when it fails. With `resume`, a step
+        that already finished with the same command is not run again: its recorded cost is reused."""
+        record = out_dir.parent / f"{out_dir.name}.step.json"
+        if self.resume and record.exists():
+            old = json.loads(record.read_text())
+            if old["argv"] == ["posttrain", command, *args]:
+                step = Step(**{k: old[k] for k in Step.__dataclass_fields__})
+                step.name = name
+                self.steps.append(step)
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: reused ({_minutes(step.wall_s)} wall, "
+                      f"{_minutes(step.cpu_s)} CPU, peak RSS {step.peak_rss_gb:.2f} GB)", flush=True)
+                return step
+        if out_dir.exists():  # a step folder of this benchmark's own, from an older or failed run: run it afresh
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
         argv = ["/usr/bin/time", "-v", sys.executable, "-m", "posttrain", command, *args]
         env = dict(os.environ)
         if self.threads:
@@ -113,6 +136,8 @@ class Runner:
         step = Step(name, ["posttrain", command, *args], t["wall_s"], t["cpu_s"], t["peak_rss_gb"],
                     sum(loads) / len(loads), str(out_dir), str(log_path))
         self.steps.append(step)
+        record.write_text(json.dumps({**step.__dict__, "commit": commit(),
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         print(f"    {_minutes(step.wall_s)} wall, {_minutes(step.cpu_s)} CPU, peak RSS {step.peak_rss_gb:.2f} GB, "
               f"load {step.load:.1f}", flush=True)
         if self.verbose:
@@ -202,12 +227,18 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
     """Before-eval, then for each seed: the training stages in order (each starting from the previous stage's
     model), each followed by a greedy eval; the last stage's eval is the row's 'after'."""
     base = r.work / "before"
-    r.run("before", "eval", _eval_args(r.model, eval_data, eval_extra, base, quick), base)
-    before = eval_result(base)
-    res = RowResult(name, task, f">= {pct(target)}", f"{pct(before['value'])} ± {pct(before['se'])}", [], True)
-    res.details["before"] = {"accuracy": before["value"], "se": before["se"], "n": before["n"]}
-    if column and data_file:
-        res.details["before"]["by_" + column] = by_column(before["scores"], data_file, column, 8 if quick else None)
+    if r.part != "train":
+        r.run("before", "eval", _eval_args(r.model, eval_data, eval_extra, base, quick), base)
+    if r.part == "before":
+        return None
+    res = RowResult(name, task, f">= {pct(target)}", "", [], True)
+    before = eval_result(base) if (base / "eval.json").exists() else None  # a --part train job may run first
+    if before:
+        res.before = f"{pct(before['value'])} ± {pct(before['se'])}"
+        res.details["before"] = {"accuracy": before["value"], "se": before["se"], "n": before["n"]}
+        if column and data_file:
+            res.details["before"]["by_" + column] = by_column(before["scores"], data_file, column,
+                                                              8 if quick else None)
     for seed in seeds:
         model, seed_details, train_wall, train_cpu, rss = r.model, {}, 0.0, 0.0, 0.0
         for stage, command, args in stages:
@@ -224,7 +255,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
             r.run(f"eval after {stage} (seed {seed})", "eval", _eval_args(model, eval_data, eval_extra, ev_dir, quick),
                   ev_dir)
             ev = eval_result(ev_dir)
-            gain, gain_se = paired_gain(before["scores"], ev["scores"])
+            gain, gain_se = paired_gain(before["scores"], ev["scores"]) if before else (math.nan, math.nan)
             stage_info = {"accuracy": ev["value"], "se": ev["se"], "gain": gain, "gain_se": gain_se,
                           "wall_s": step.wall_s, "cpu_s": step.cpu_s, "peak_rss_gb": step.peak_rss_gb,
                           "load": step.load, "steps": last_metrics(run_dir)["_steps"]}
@@ -274,6 +305,8 @@ def row_gsm8k(r: Runner, data: Path, seeds: list[int], quick: bool) -> RowResult
 def pair_row(r: Runner, name: str, command: str, config: str, data: Path, seeds: list[int], quick: bool,
              metric: str, target: float) -> RowResult:
     """DPO / RM: the run's own final evaluation on all 300 held-out pairs (no eval_max_samples)."""
+    if r.part == "before":  # the untrained model's number is known without running it (see row_dpo / row_rm)
+        return None
     res = RowResult(name, f"{command} on hh_helpful_train -> hh_helpful_test (300 pairs)", f">= {pct(target)}",
                     "", [], True)
     for seed in seeds:
@@ -328,15 +361,23 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the starting model (tests pass a tiny one)")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every command (1 is much faster on a CPU shared with other jobs)")
+    ap.add_argument("--part", choices=["all", "before", "train"], default="all",
+                    help="before: only the before-eval; train: only the given seeds' training and evals (no "
+                         "report); all: everything, then the report")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse every step already finished with the same command (NAME.step.json in --work)")
     ap.add_argument("--quick", action="store_true", help="a few examples per step: checks the pipeline only")
     ap.add_argument("--json", default=None, help="append the row's result (with every step) to this JSON lines file")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work or ROOT / "runs" / "learning" / args.row)
-    runner = Runner(work, args.model, args.threads, args.verbose)
+    runner = Runner(work, args.model, args.threads, args.verbose, args.resume, args.part)
     started = datetime.date.today().isoformat()
     res = ROWS[args.row](runner, Path(args.data), seeds, args.quick)
+    if args.part != "all":
+        print(f"part {args.part} of row {args.row} done: {len(runner.steps)} step(s) in {work}")
+        return 0
     train = [s for s in runner.steps if not s.name.startswith(("before", "eval"))]
     wall = sum(s.wall_s for s in train) / len(seeds)
     cpu = sum(s.cpu_s for s in train) / len(seeds)

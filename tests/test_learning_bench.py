@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,3 +67,33 @@ def test_arith_row_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, capsys
     assert "NOT met" in record["line"] and "0.0% ± 0.0%" in record["line"]
     assert [s["name"] for s in record["steps"]] == ["before", "sft (seed 3)", "eval after sft (seed 3)",
                                                     "grpo (seed 3)", "eval after grpo (seed 3)"]
+
+
+@pytest.mark.slow
+def test_row_in_parts_then_assembled_reuses_every_step(tmp_path, tiny_model_dir, capsys):
+    """--part before, then --part train per seed (separate queue jobs), then the report with --resume: the report
+    runs nothing again (every step is 'reused' with its recorded cost) and holds both seeds; a step whose command
+    changed (another model) is not reused."""
+    L = load_learning()
+    common = ["main", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--resume"]
+    assert L.main([*common, "--part", "before"]) == 0
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.step.json")) == ["before.step.json"]
+    for seed in ("1", "2"):
+        assert L.main([*common, "--part", "train", "--seeds", seed]) == 0
+    assert (tmp_path / "work" / "seed2" / "grpo.step.json").exists()
+    capsys.readouterr()
+    out = tmp_path / "rows.jsonl"
+    assert L.main([*common, "--seeds", "1,2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": reused (") == 5 and ": posttrain " not in printed
+    record = json.loads(out.read_text())
+    assert [s["name"] for s in record["steps"]] == ["before", "grpo (seed 1)", "eval after grpo (seed 1)",
+                                                    "grpo (seed 2)", "eval after grpo (seed 2)"]
+    assert all(s["wall_s"] > 0 for s in record["steps"])
+    assert record["details"]["seed2"]["grpo"]["gain"] == pytest.approx(0.0)
+    # another starting model is another command: nothing is reused
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    assert L.main(["main", "--quick", "--model", str(other), "--work", str(tmp_path / "work"), "--resume",
+                   "--part", "before"]) == 0
+    assert ": reused (" not in capsys.readouterr().out
