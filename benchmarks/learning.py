@@ -92,6 +92,8 @@ class Runner:
                  part: str = "all"):
         self.work, self.model, self.threads, self.verbose = work, model, threads, verbose
         self.resume, self.part = resume, part
+        self.eval_samples: int | None = None
+        self.final_eval_only = False
         self.steps: list[Step] = []
 
     def run(self, name: str, command: str, args: list[str], out_dir: Path) -> Step:
@@ -216,19 +218,21 @@ class RowResult:
     details: dict = field(default_factory=dict)
 
 
-def _eval_args(model: str, dataset: str, extra: list[str], out: Path, quick: bool) -> list[str]:
+def _eval_args(model: str, dataset: str, extra: list[str], out: Path, limit: int | None) -> list[str]:
     args = [f"model={model}", f"dataset={dataset}", f"output_dir={out}", "batch_size=50", *extra]
-    return args + (["max_samples=8"] if quick else [])
+    return args + ([f"max_samples={limit}"] if limit else [])
 
 
 def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[int], quick: bool, *, eval_data: str,
                   eval_extra: list[str], stages: list[tuple[str, str, list[str]]], column: str | None = None,
                   data_file: Path | None = None) -> RowResult:
     """Before-eval, then for each seed: the training stages in order (each starting from the previous stage's
-    model), each followed by a greedy eval; the last stage's eval is the row's 'after'."""
+    model), each followed by a greedy eval (only the last one with --final-eval-only); the last stage's eval is
+    the row's 'after'."""
+    limit = 8 if quick else r.eval_samples  # the first `limit` test problems (all when None)
     base = r.work / "before"
     if r.part != "train":
-        r.run("before", "eval", _eval_args(r.model, eval_data, eval_extra, base, quick), base)
+        r.run("before", "eval", _eval_args(r.model, eval_data, eval_extra, base, limit), base)
     if r.part == "before":
         return None
     res = RowResult(name, task, f">= {pct(target)}", "", [], True)
@@ -238,7 +242,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
         res.details["before"] = {"accuracy": before["value"], "se": before["se"], "n": before["n"]}
         if column and data_file:
             res.details["before"]["by_" + column] = by_column(before["scores"], data_file, column,
-                                                              8 if quick else None)
+                                                              limit)
     for seed in seeds:
         model, seed_details, train_wall, train_cpu, rss = r.model, {}, 0.0, 0.0, 0.0
         for stage, command, args in stages:
@@ -251,8 +255,12 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
             train_cpu += step.cpu_s
             rss = max(rss, step.peak_rss_gb)
             model = str(run_dir)
+            if r.final_eval_only and stage != stages[-1][0]:
+                seed_details[stage] = {"wall_s": step.wall_s, "cpu_s": step.cpu_s, "peak_rss_gb": step.peak_rss_gb,
+                                       "load": step.load, "steps": last_metrics(run_dir)["_steps"]}
+                continue
             ev_dir = r.work / f"seed{seed}" / f"eval-{stage}"
-            r.run(f"eval after {stage} (seed {seed})", "eval", _eval_args(model, eval_data, eval_extra, ev_dir, quick),
+            r.run(f"eval after {stage} (seed {seed})", "eval", _eval_args(model, eval_data, eval_extra, ev_dir, limit),
                   ev_dir)
             ev = eval_result(ev_dir)
             gain, gain_se = paired_gain(before["scores"], ev["scores"]) if before else (math.nan, math.nan)
@@ -260,9 +268,10 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
                           "wall_s": step.wall_s, "cpu_s": step.cpu_s, "peak_rss_gb": step.peak_rss_gb,
                           "load": step.load, "steps": last_metrics(run_dir)["_steps"]}
             if column and data_file:
-                stage_info["by_" + column] = by_column(ev["scores"], data_file, column, 8 if quick else None)
+                stage_info["by_" + column] = by_column(ev["scores"], data_file, column, limit)
             seed_details[stage] = stage_info
         final = seed_details[stages[-1][0]]
+        res.task = task.format(n=ev["n"])  # how many test problems were scored (--eval-samples may cut them)
         res.after.append(f"{pct(final['accuracy'])} ± {pct(final['se'])} (seed {seed}; gain {pct(final['gain'])} ± "
                          f"{pct(final['gain_se'])} paired)")
         res.met &= final["accuracy"] >= target
@@ -275,14 +284,14 @@ def row_arith(r: Runner, data: Path, seeds: list[int], quick: bool) -> RowResult
     test = str(data / "arith_test.jsonl")
     stages = [("sft", "sft", ["--config", str(EXAMPLES / "sft_arith.yaml"), f"dataset={data / 'arith_train.jsonl'}"]),
               ("grpo", "grpo", ["--config", str(EXAMPLES / "grpo_arith.yaml"), f"dataset={data / 'arith_train.jsonl'}"])]
-    return greedy_rl_row(r, "arith", "arith_train -> arith_test (300), greedy", 0.35, seeds, quick, eval_data=test,
+    return greedy_rl_row(r, "arith", "arith_train -> arith_test ({n}), greedy", 0.35, seeds, quick, eval_data=test,
                          eval_extra=[f"prompt_suffix={ARITH_SUFFIX}", "max_completion_length=24"], stages=stages,
                          column="type", data_file=data / "arith_test.jsonl")
 
 
 def row_main(r: Runner, data: Path, seeds: list[int], quick: bool) -> RowResult:
     # `posttrain grpo` with no arguments; output_dir, seed and progress do not change the recipe.
-    return greedy_rl_row(r, "main", "`posttrain grpo` (no arguments) -> built-in test split (500), greedy", 0.55,
+    return greedy_rl_row(r, "main", "`posttrain grpo` (no arguments) -> built-in test split ({n}), greedy", 0.55,
                          seeds, quick, eval_data="arithmetic:split=test",
                          eval_extra=["max_completion_length=16", "reward_funcs=accuracy,format"],
                          stages=[("grpo", "grpo", [])], column=None)
@@ -292,7 +301,7 @@ def row_gsm8k(r: Runner, data: Path, seeds: list[int], quick: bool) -> RowResult
     train = str(data / "gsm8k_train.jsonl")
     stages = [("sft", "sft", ["--config", str(EXAMPLES / "sft_gsm8k.yaml"), f"dataset={train}"]),
               ("grpo", "grpo", ["--config", str(EXAMPLES / "grpo_gsm8k.yaml"), f"dataset={train}"])]
-    res = greedy_rl_row(r, "gsm8k", "gsm8k_train -> gsm8k_test (500), greedy", 0.0, seeds, quick,
+    res = greedy_rl_row(r, "gsm8k", "gsm8k_train -> gsm8k_test ({n}), greedy", 0.0, seeds, quick,
                         eval_data=str(data / "gsm8k_test.jsonl"), eval_extra=["max_completion_length=256"],
                         stages=stages)
     # The target is a gain beyond 2 paired standard errors over the base model.
@@ -366,6 +375,10 @@ def main(argv=None) -> int:
                          "report); all: everything, then the report")
     ap.add_argument("--resume", action="store_true",
                     help="reuse every step already finished with the same command (NAME.step.json in --work)")
+    ap.add_argument("--eval-samples", type=int, default=None,
+                    help="greedy rows: evaluate on the first N test problems only (the report says n); default all")
+    ap.add_argument("--final-eval-only", action="store_true",
+                    help="multi-stage rows: evaluate only after the last stage (GSM8K's evaluations are long)")
     ap.add_argument("--quick", action="store_true", help="a few examples per step: checks the pipeline only")
     ap.add_argument("--json", default=None, help="append the row's result (with every step) to this JSON lines file")
     ap.add_argument("--verbose", action="store_true")
@@ -373,6 +386,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work or ROOT / "runs" / "learning" / args.row)
     runner = Runner(work, args.model, args.threads, args.verbose, args.resume, args.part)
+    runner.eval_samples, runner.final_eval_only = args.eval_samples, args.final_eval_only
     started = datetime.date.today().isoformat()
     res = ROWS[args.row](runner, Path(args.data), seeds, args.quick)
     if args.part != "all":

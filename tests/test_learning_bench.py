@@ -97,3 +97,38 @@ def test_row_in_parts_then_assembled_reuses_every_step(tmp_path, tiny_model_dir,
     assert L.main(["main", "--quick", "--model", str(other), "--work", str(tmp_path / "work"), "--resume",
                    "--part", "before"]) == 0
     assert ": reused (" not in capsys.readouterr().out
+
+
+def test_every_example_yaml_loads_with_its_command():
+    """Each recipe in examples/ (the learning table's rows) is a valid config of the command its name starts
+    with: no unknown key, no bad value."""
+    import importlib
+
+    from posttrain.config import load_config
+
+    modules = {"online_dpo": "online_dpo", "dpo": "dpo", "rm": "rm", "sft": "sft", "grpo": "grpo", "ppo": "ppo"}
+    files = sorted((ROOT / "examples").glob("*.yaml"))
+    assert {f.name for f in files} >= {"grpo_arith.yaml", "sft_arith.yaml", "dpo_hh.yaml", "rm_hh.yaml",
+                                       "sft_gsm8k.yaml", "grpo_gsm8k.yaml"}
+    for f in files:
+        prefix = next(p for p in modules if f.stem.startswith(p + "_"))
+        module = importlib.import_module(f"posttrain.algorithms.{modules[prefix]}")
+        cfg = load_config(module.Config, str(f), [])
+        assert cfg.output_dir.startswith("runs/"), f.name
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_final_eval_only_skips_the_warm_up_eval(tmp_path, tiny_model_dir):
+    """--final-eval-only (the GSM8K row): SFT then GRPO with one evaluation, after GRPO; the SFT stage keeps its
+    cost in the record and the row's 'after' is the GRPO model's."""
+    L = load_learning()
+    out = tmp_path / "rows.jsonl"
+    assert L.main(["arith", "--quick", "--final-eval-only", "--model", str(tiny_model_dir), "--work",
+                   str(tmp_path / "work"), "--data", str(SHARED_DATA), "--json", str(out), "--seeds", "1"]) == 0
+    record = json.loads(out.read_text())
+    assert [s["name"] for s in record["steps"]] == ["before", "sft (seed 1)", "grpo (seed 1)",
+                                                    "eval after grpo (seed 1)"]
+    sft = record["details"]["seed1"]["sft"]
+    assert "accuracy" not in sft and sft["steps"] == 2 and sft["wall_s"] > 0
+    assert record["details"]["seed1"]["grpo"]["accuracy"] == 0.0
