@@ -108,7 +108,24 @@ def in_rollout(n):
 # ------------------------------------------------------------------------------------------------ running
 
 
+def _private_tqdm_locks():
+    """Give this fork its own tqdm locks. tqdm guards its bars with one multiprocessing lock shared by every
+    forked child; a child SIGKILLed while drawing a bar (transformers' weight-loading bar, say) leaves that lock
+    held for good, and the test process's next bar waits on it forever (seen in CI: the resume after a random
+    kill hung). A thread lock held by another thread at the fork would hang the child the same way."""
+    from tqdm.std import TqdmDefaultWriteLock, TRLock, tqdm
+
+    TqdmDefaultWriteLock.th_lock, TqdmDefaultWriteLock.mp_lock = TRLock(), None
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if isinstance(cls.__dict__.get("_lock"), TqdmDefaultWriteLock):
+            cls._lock.locks = [TqdmDefaultWriteLock.th_lock]
+
+
 def _child(argv, install, log):
+    _private_tqdm_locks()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
