@@ -4,7 +4,8 @@ Each rule is a named check over the metrics rows seen so far. It fires at most o
 its warning (what was seen, what it means, what to try), records `diagnostics/<name>` = 1 in that step's
 metrics.jsonl row, and the report lists it. A rule reads metrics by ROLE through a per-command table
 (`Rule.reads`): a new algorithm joins a rule by naming its own metrics there (PPO: `objective/kl` per token as
-the `kl` role, `policy/entropy_avg` as `entropy`), and the check itself stays as it is. Thresholds are the
+the `kl` role, `policy/entropy_avg` as `entropy`, `objective/scores` as `reward`), and the check itself stays
+as it is. Thresholds are the
 `diagnostics.*` config keys (`posttrain.config.DiagnosticsConfig`).
 
 A reader only: nothing here feeds back into training.
@@ -169,6 +170,16 @@ def _entropy_collapse(v, t, ctx, state):
     return None
 
 
+def _critic_not_learning(v, t, ctx, state):
+    ev = v("ev")
+    if v.step > t.critic_warmup and len(ev) >= t.window:
+        recent = _mean(ev[-t.window :])
+        if recent <= t.explained_variance_min:
+            return (f"val/explained_variance averaged {recent:.3g} over its last {t.window} values (step {v.step}): "
+                    "the values predict the returns no better than a constant would")
+    return None
+
+
 def _orpo_without_sft(v, t, ctx, state):
     losses = set(getattr(ctx.cfg, "loss_type", None) or ())
     odd = sorted(losses & {"orpo", "simpo"})
@@ -281,6 +292,17 @@ RULES = [
          "nothing left to compare and exploration stops.",
          "use clip-higher (epsilon_high, e.g. 0.28), a higher temperature, or a lower learning rate.",
          _entropy_collapse),
+    Rule("critic_not_learning",
+         # GRPO's preset logs the same name when given a critic (advantage_estimator=gae critic=...).
+         {"ppo": {"ev": "val/explained_variance"}, "grpo": {"ev": "val/explained_variance"}},
+         "the critic's explained variance, averaged over its last {window} values, <= {explained_variance_min} "
+         "after step {critic_warmup}",
+         "the critic does not predict the returns: GAE's advantages use its values as the baseline, so they carry "
+         "its errors instead of per-token credit, and the policy learns from noise (or from a bias).",
+         "raise critic_learning_rate or vf_coef (or loosen cliprange_value when the scores are large); bound the "
+         "scores (reward_clip_range); or drop the critic: num_generations >= 2 with advantage_estimator=rloo, "
+         "grpo or reinforce_plus_plus_baseline.",
+         _critic_not_learning),
     Rule("orpo_without_sft",
          {"dpo": {}},
          "loss_type orpo or simpo and a tokenizer without a chat template",

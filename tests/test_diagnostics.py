@@ -67,7 +67,7 @@ def dpo_rows(n=30, eval_every=10, **override):
 def test_every_rule_is_covered_and_names_its_thresholds():
     names = {r.name for r in RULES}
     assert names == {"dpo_loss_collapse", "dpo_beta_drift", "grpo_sparse_reward", "kl_blowup", "length_exploit",
-                     "entropy_collapse", "orpo_without_sft", "reward_hacking_format"}
+                     "entropy_collapse", "orpo_without_sft", "reward_hacking_format", "critic_not_learning"}
     thresholds = vars(DiagnosticsConfig())
     for rule in RULES:
         text = condition_text(rule, thresholds)
@@ -83,7 +83,8 @@ def test_healthy_streams_fire_nothing():
                  "rewards/margins": 0.02 * s} for s in range(1, 31)]
     assert fired("kto", kto.Config(), kto_rows) == {}
     ppo_rows = [{"step": s, "objective/kl": 0.2 + 0.02 * s, "completions/mean_length": 10.0,
-                 "policy/entropy_avg": 2.0 - 0.01 * s} for s in range(1, 41)]
+                 "policy/entropy_avg": 2.0 - 0.01 * s, "val/explained_variance": min(0.5, 0.02 * s)}
+                for s in range(1, 41)]
     assert fired("ppo", grpo_cfg(), ppo_rows) == {}
 
 
@@ -140,6 +141,33 @@ def test_entropy_collapse():
     ppo = [{"step": s, "objective/kl": 0.1, "completions/mean_length": 10.0, "policy/entropy_avg": 0.6 * 0.85**s}
            for s in range(1, 41)]
     assert fired("ppo", grpo_cfg(), ppo) == {"entropy_collapse": 20}
+
+
+def test_critic_not_learning():
+    """PPO's val/explained_variance (1 - Var(R - V) / Var(R)): a zero-started head gives 0 at first, so nothing fires
+    before critic_warmup = 20 steps; then the mean of the last window = 10 values must be above 0."""
+    def ppo(ev):
+        return [{"step": s, "objective/kl": 0.1, "completions/mean_length": 10.0, "policy/entropy_avg": 2.0,
+                 "val/explained_variance": ev(s)} for s in range(1, 41)]
+    # Stuck at 0 (values stay at their zero start): fires on the first step past the warm-up.
+    assert fired("ppo", grpo_cfg(), ppo(lambda s: 0.0)) == {"critic_not_learning": 21}
+    # A critic worse than a constant: the mean of steps s-9..s is 0.3 - 0.02(s - 4.5), at or below 0 from s = 20;
+    # reported at 21, the first step past the warm-up.
+    assert fired("ppo", grpo_cfg(), ppo(lambda s: 0.3 - 0.02 * s)) == {"critic_not_learning": 21}
+    # Learning slowly, then well: the mean of steps s-9..s of -0.2 + 0.01s is -0.2 + 0.01(s - 4.5) > 0 once
+    # s > 24.5; at steps 21..24 it is still <= 0, so it fires at 21...
+    assert fired("ppo", grpo_cfg(), ppo(lambda s: -0.2 + 0.01 * s)) == {"critic_not_learning": 21}
+    # ...and with a longer warm-up of 25 steps it never does.
+    cfg = grpo_cfg(diagnostics=DiagnosticsConfig(critic_warmup=25))
+    assert fired("ppo", cfg, ppo(lambda s: -0.2 + 0.01 * s)) == {}
+    # A threshold: a critic explaining only 5% of the variance fires with explained_variance_min=0.1.
+    cfg = grpo_cfg(diagnostics=DiagnosticsConfig(explained_variance_min=0.1))
+    assert fired("ppo", cfg, ppo(lambda s: 0.05)) == {"critic_not_learning": 21}
+    # The GRPO preset with a critic logs the same metric; without one (no such metric) nothing is read.
+    assert fired("grpo", grpo_cfg(), [{**r, "val/explained_variance": 0.0} for r in grpo_rows()]) == {"critic_not_learning": 21}
+    assert fired("grpo", grpo_cfg(), grpo_rows()) == {}
+    # NaN (returns that do not vary) is not a value: a stream of NaNs says nothing.
+    assert fired("ppo", grpo_cfg(), ppo(lambda s: float("nan"))) == {}
 
 
 def test_reward_hacking_format():
