@@ -131,7 +131,7 @@ class DiagnosticsConfig:
     entropy_frac: float = opt(0.1, "entropy_collapse: mean entropy fallen below this fraction of its starting value.")
     hacking_saturation: float = opt(0.95, "reward_hacking_format: a secondary reward at this fraction of its best or more ...")
     hacking_drop: float = opt(0.1, "... while the main (highest-weight) reward fell this far below its best window mean.")
-    explained_variance_min: float = opt(0.0, "critic_not_learning: the critic's val/explained_variance, averaged over its last `window` values, at or below this ...")
+    explained_variance_min: float = opt(0.0, "critic_not_learning: the critic's val/explained_variance, averaged over its last `window` rollouts, at or below this ...")
     critic_warmup: int = opt(20, "... at a step past this many (a zero-started value head predicts nothing at first).")
 
 

@@ -322,11 +322,30 @@ RULES = [
 RULES_BY_NAME = {r.name: r for r in RULES}
 
 
+def steps_per_rollout(cfg) -> int:
+    """Optimizer steps trained on one generation (online RL with num_iterations > 1 or a generation_batch_size /
+    num_mini_batches of several steps): their rows all repeat that generation's metrics (rewards, objective/*,
+    completions/*, val/explained_variance). 1 for everything else."""
+    iterations = getattr(cfg, "num_iterations", None)
+    if not isinstance(iterations, int) or not hasattr(cfg, "num_generations"):
+        return 1
+    step = cfg.batch_size * cfg.num_generations
+    return max(1, (getattr(cfg, "generation_batch_size", None) or step) // step) * max(1, iterations)
+
+
 class Diagnostics:
-    """Feeds metrics rows to the rules that apply to the run's command; returns what fired on each row."""
+    """Feeds metrics rows to the rules that apply to the run's command; returns what fired on each row.
+
+    A generation's metrics count once: PPO's default 4 epochs log each rollout's rewards on 4 rows, and a trend
+    rule over 10 rows would otherwise compare 2.5 rollouts with each other (a noisy 32-sample accuracy then looks
+    like a fall). On the later steps of a generation, a value equal to the one its metric had on the step
+    before is the same measurement again and is not added to the history; values that change every step (loss,
+    policy/*) are."""
 
     def __init__(self, ctx: Context, thresholds=None, rules: list[Rule] = RULES):
         self.ctx = ctx
+        self._per_rollout = steps_per_rollout(ctx.cfg)
+        self._last: dict[str, float] = {}
         self.t = thresholds if thresholds is not None else ctx.cfg.diagnostics
         self.rules = [r for r in rules if ctx.command in r.reads]
         self.fired: dict[str, int] = {}
@@ -346,13 +365,16 @@ class Diagnostics:
             value = fn(row, self.ctx.cfg)
             if value is not None:
                 values[key] = value
+        step = int(row.get("step", 0))
+        same_rollout = self._per_rollout > 1 and (step - 1) % self._per_rollout != 0
         for k, v in values.items():
-            if math.isfinite(v):
+            repeated = same_rollout and self._last.get(k) == v
+            self._last[k] = v
+            if math.isfinite(v) and not repeated:
                 kept = self._history[k]
                 kept.append(float(v))
                 if len(kept) > self._head + self._tail + 256:  # trimmed now and then, not every step
                     del kept[self._head : len(kept) - self._tail]
-        step = int(row.get("step", 0))
         out = []
         for rule in self.rules:
             if rule.name in self.fired:

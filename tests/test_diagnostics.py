@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from posttrain.algorithms import dpo, grpo, kto
+from posttrain.algorithms import dpo, grpo, kto, ppo
 from posttrain.config import DiagnosticsConfig
-from posttrain.diagnostics import RULES, Context, Diagnostics, condition_text
+from posttrain.diagnostics import RULES, Context, Diagnostics, condition_text, steps_per_rollout
 from posttrain.runlog import RunLog
 
 STEPS = 40
@@ -168,6 +168,40 @@ def test_critic_not_learning():
     assert fired("grpo", grpo_cfg(), grpo_rows()) == {}
     # NaN (returns that do not vary) is not a value: a stream of NaNs says nothing.
     assert fired("ppo", grpo_cfg(), ppo(lambda s: float("nan"))) == {}
+
+
+def ppo_cfg(**kw):
+    cfg = ppo.Config(max_completion_length=64, reward_weights=[1.0, 0.2], **kw)
+    cfg.validate()
+    return cfg
+
+
+def test_steps_per_rollout():
+    assert steps_per_rollout(ppo_cfg()) == 4  # num_ppo_epochs = 4 over one mini-batch
+    assert steps_per_rollout(ppo_cfg(num_mini_batches=2)) == 8
+    assert steps_per_rollout(grpo_cfg()) == 1
+    assert steps_per_rollout(grpo_cfg(num_iterations=2, generation_batch_size=3 * 8 * 8)) == 6  # 3 slices x 2
+    assert steps_per_rollout(dpo_cfg()) == 1
+
+
+def test_a_generation_counts_once_in_the_trends():
+    """PPO (4 epochs a rollout) logs rollout r's rewards on steps 4r-3..4r. The format-hacking stream of
+    test_reward_hacking_format, one value per ROLLOUT, fires on the first step of rollout 24 (step 93), as it does
+    at step 24 when every step is a rollout; counted per row, ten rows would hold 2.5 rollouts and the rule would
+    see a different stream. A metric that changes every step (policy/entropy_avg) still counts every step: the
+    entropy collapse fires at step 20 as in test_entropy_collapse."""
+    acc = lambda r: 0.2 + 0.02 * r if r <= 15 else 0.5 - 0.02 * (r - 15)  # noqa: E731
+    fmt = lambda r: min(1.0, 0.3 + 0.05 * r)  # noqa: E731
+    rows = [{"step": s, "loss": 0.01 * s, "objective/kl": 0.1, "completions/mean_length": 10.0,
+             "policy/entropy_avg": 2.0, "rewards/accuracy/mean": acc((s + 3) // 4),
+             "rewards/format/mean": fmt((s + 3) // 4)} for s in range(1, 161)]
+    assert fired("ppo", ppo_cfg(), rows) == {"reward_hacking_format": 93}
+    # The same rows read as one generation per step (num_iterations=1): each value counts 4 times, the halves of
+    # the window hold 1.25 rollouts, and the rule fires already at step 82 (rollout 21).
+    assert fired("ppo", ppo_cfg(num_iterations=1), rows) == {"reward_hacking_format": 82}
+    collapsing = [{**r, "policy/entropy_avg": 0.6 * 0.85 ** r["step"], "rewards/accuracy/mean": 0.3,
+                   "rewards/format/mean": 0.5} for r in rows[:40]]
+    assert fired("ppo", ppo_cfg(), collapsing) == {"entropy_collapse": 20}
 
 
 def test_reward_hacking_format():
