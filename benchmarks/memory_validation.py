@@ -30,7 +30,7 @@ GiB = 1 << 30
 HERE = Path(__file__).resolve().parent
 SHARED = next((p for p in (HERE.parent.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()), None)
 
-# name, command, settings (the data set is added by the script). Together they cover SFT/DPO/KTO/RM/GRPO,
+# name, command, settings (the data set is added by the script). Together they cover SFT/DPO/KTO/RM/GRPO/PPO,
 # full fine-tuning and LoRA, a reference copy vs precomputed vs adapter-off, max_length 256/512/1024, micro-batches
 # of 1 to 8 and gradient accumulation.
 CONFIGS = [
@@ -49,6 +49,12 @@ CONFIGS = [
                            "micro_batch_size=8", "reward_funcs=accuracy"]),
     ("grpo-lora-kl", "grpo", ["max_prompt_length=128", "max_completion_length=32", "num_generations=8", "batch_size=2",
                               "micro_batch_size=16", "reward_funcs=accuracy", "lora.r=16", "beta=0.04"]),
+    # PPO: LoRA with a shared critic (the reference is the adapter switched off), and full fine-tuning with a
+    # separate critic (a second trained model) and a reference copy, two micro-batches a step.
+    ("ppo-lora-shared", "ppo", ["max_prompt_length=128", "max_completion_length=32", "batch_size=8",
+                                "micro_batch_size=8", "reward_funcs=accuracy", "lora.r=16", "critic=shared"]),
+    ("ppo-full-separate", "ppo", ["max_prompt_length=64", "max_completion_length=32", "batch_size=4",
+                                  "micro_batch_size=2", "reward_funcs=accuracy", "critic=separate"]),
 ]
 
 
@@ -84,7 +90,7 @@ def write_data(folder: Path, n: int = 32) -> dict[str, Path]:
     return files
 
 
-DATA_OF = {"sft": "sft", "dpo": "pairs", "kto": "pairs", "rm": "pairs", "grpo": "prompts"}
+DATA_OF = {"sft": "sft", "dpo": "pairs", "kto": "pairs", "rm": "pairs", "grpo": "prompts", "ppo": "prompts"}
 
 
 def peak_rss(argv: list[str], env=None) -> tuple[int, float, str]:

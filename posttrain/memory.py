@@ -17,7 +17,10 @@ How the numbers are made (posttrain keeps weights, gradients and AdamW state in 
   and the attention masks.
 - the peak is the largest of the run's phases: the backward of the largest micro-batch (gradients
   are written while activations are freed, so both are counted only as far as they coexist), the optimizer
-  step, generation (GRPO: the KV cache) and the precompute pass of the reference.
+  step, generation (GRPO, PPO: the KV cache of one generation's prompts) and the precompute pass of the reference.
+- PPO's critic: `critic=shared` is a value head on the policy (H + 1 float32 parameters, trained with it);
+  `critic=separate` a second model (from value_model, else reward_model, else the policy's weights) in float32
+  with its own trained weights or adapter, gradients, AdamW state and activations of its forward.
 - on CPU the total includes the runtime itself (Python, torch, transformers, the tokenizer, threads), measured
   here (`RUNTIME_BYTES`), so it compares directly with a process's peak RSS (benchmarks/MEMORY.md). On GPUs the
   same formulas are allocator-level estimates (what torch.cuda.max_memory_allocated would report), not
@@ -201,12 +204,18 @@ def grpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     prompts = _longest(data, len(counts)) if data else [cfg.max_prompt_length or cfg.max_length] * len(counts)
     units = [(p, [C] * k) for p, k in zip(prompts, sorted(counts, reverse=True))]
     what = "the longest prompts" if data else "prompts"
-    return _packed(units, N * C, f"{N} completions x {C} tokens after {len(counts)} of {what} "
-                   f"({', '.join(map(str, prompts))} tokens)")
+    sizes = ", ".join(map(str, prompts)) if len(set(prompts)) > 1 and len(prompts) <= 8 else \
+        (f"{prompts[0]}" if len(set(prompts)) == 1 else f"{max(prompts)} down to {min(prompts)}")
+    return _packed(units, N * C, f"{N} completions x {C} tokens after {len(counts)} of {what} ({sizes} tokens)")
 
 
 def grpo_generation(cfg, nproc: int, data: list | None = None) -> Generation:
-    prompts = max(1, cfg.batch_size // max(nproc, 1))
+    """One generation samples every prompt of it at once (posttrain.rollout.generate.HFEngine): batch_size prompts,
+    or generation_batch_size / num_generations (PPO: num_mini_batches x batch_size) when one generation serves
+    several optimizer steps."""
+    per_generation = (cfg.generation_batch_size // cfg.num_generations) if getattr(cfg, "generation_batch_size", None) \
+        else cfg.batch_size
+    prompts = max(1, per_generation // max(nproc, 1))
     P = max(data) if data else (cfg.max_prompt_length or cfg.max_length)
     return Generation(prompts * cfg.num_generations, P + cfg.max_completion_length, prompts, P)
 
@@ -241,7 +250,7 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
         k = it.kept
         if k is None:  # dropped by the limits: training never sees it
             continue
-        if command in ("grpo", "online-dpo"):
+        if command in ("grpo", "online-dpo", "ppo"):
             out.append(k["prompt"])
         elif command == "rm":
             out.append((k["chosen_sequence"], k["rejected_sequence"]))
@@ -271,9 +280,11 @@ def _online_dpo_reference(cfg) -> str:
 
 
 def _grpo_reference(cfg) -> str:
+    """The online methods load a reference when a KL needs one: beta (in the loss) or kl_coef (in the reward)."""
     from posttrain.reference import choose
 
-    return choose(needed=cfg.beta > 0, path=getattr(cfg, "ref_model", None), lora=cfg.lora is not None)
+    needed = cfg.beta > 0 or getattr(cfg, "kl_coef", 0) > 0
+    return choose(needed=needed, path=getattr(cfg, "ref_model", None), lora=cfg.lora is not None)
 
 
 def head_bytes(scored: int, vocab: int, hidden: int, w: int, wrapped: bool = False) -> int:
@@ -307,8 +318,43 @@ def _grpo_extras(cfg, s: Shape) -> list[Extra]:
     return [Extra("reward model", rm.params("score"), why)]
 
 
-# PPO (issue 12) joins as one more entry: GRPO's batch and generation, its reference rule, and extras for the
-# reward model and a separate critic (a value head shared with the policy adds only H parameters).
+@dataclass(frozen=True)
+class CriticModel:
+    """A separate critic (posttrain.critic.SeparateCritic): a sequence-classification model of its own, loaded in
+    float32 whatever `dtype` says, with the policy's LoRA settings (an adapter of its own, its score head trained
+    in full) or trained in full; the same optimizer trains it. A shared critic is only a value head (H + 1
+    float32 parameters) on the policy's backbone and is counted with the policy's trained parameters."""
+
+    shape: Shape
+    training: Training
+    trainable: int
+    frozen: int
+    why: str
+
+
+def _critic(cfg, s: Shape, t: Training) -> CriticModel | None:
+    if getattr(cfg, "critic", "none") != "separate":
+        return None
+    from posttrain.critic import choose
+
+    source = choose("separate", value_model=cfg.value_model, reward_model=cfg.reward_model, model=cfg.model)
+    why = f"value model from {source}"
+    if source == cfg.model:
+        shape = s
+        why = "value model from the policy's weights (its head starts at 0)"
+    elif Path(source).expanduser().exists() or source.lower() in {**PRESETS, **SIZE_ALIASES}:
+        shape = model_shape(source, cfg.trust_remote_code)
+    else:  # a reward model not trained yet: usually trained from the policy's base
+        shape, why = s, why + "; not found here, assumed the policy's shape"
+    ct = dataclasses.replace(t, weight_bytes=4)  # posttrain.critic.build loads it in float32
+    n = shape.params("score")
+    if ct.full:
+        return CriticModel(shape, ct, n, 0, why + ", every weight trained")
+    adapters = shape.layers * sum(ct.lora_r * sum(shape.dims(m)) for m in ct.lora_targets if m in LINEARS)
+    return CriticModel(shape, ct, adapters + shape.hidden, n, why + f", LoRA r={ct.lora_r} of its own and its head "
+                       "trained")
+
+
 def online_dpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:
     """Pairs of sampled completions (the best and the worst of each prompt's group), laid out as DPO lays out
     pairs: each prompt once with both completions, every completion at max_completion_length."""
@@ -328,6 +374,9 @@ RECIPES: dict[str, Recipe] = {
                    generation=grpo_generation, extras=_grpo_extras),
     "online-dpo": Recipe("posttrain.algorithms.online_dpo", "pairs", online_dpo_batch, _online_dpo_reference,
                          generation=grpo_generation, extras=_grpo_extras),
+    # PPO is the online core with a critic: GRPO's micro-batches (num_generations 1 by default) and generation.
+    "ppo": Recipe("posttrain.algorithms.ppo", "completions", grpo_batch, _grpo_reference,
+                  generation=grpo_generation, extras=_grpo_extras),
 }
 # The reference-free preference losses, by name: `posttrain memory simpo` is `posttrain memory dpo loss_type=simpo`.
 ALIASES = {"simpo": ("dpo", "loss_type=simpo"), "cpo": ("dpo", "loss_type=cpo"), "orpo": ("dpo", "loss_type=orpo")}
@@ -498,6 +547,13 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
         models.append(("reference", REFERENCE_NOTES[strategy]))
     extras = recipe.extras(cfg, s)
     models += [(x.name, f"{x.params / 1e6:,.1f}M parameters, frozen: {x.why}") for x in extras]
+    critic = _critic(cfg, s, t)
+    if critic is not None:
+        models.append(("critic", f"{critic.shape.params('score') / 1e6:,.1f}M parameters ({critic.trainable / 1e6:,.2f}M "
+                                 f"trained): {critic.why}"))
+    elif getattr(cfg, "critic", "none") == "shared":
+        models.append(("critic", f"a value head on the policy's backbone ({H + 1:,} parameters, trained with the "
+                                 "policy): no second model"))
 
     sizes: dict[str, int] = {}
     sizes["trainable weights"] = tw * trainable // shard
@@ -521,9 +577,24 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
         g = 2 if (cfg.bf16 and device == "gpu") else w
         root = V * H * (1 if s.tied or recipe.head == "score" else 2) + H
         sizes["FSDP gathered parameters"] = g * (2 * s.layer_params() + root)
+    if getattr(cfg, "critic", "none") == "shared":
+        sizes["critic: value head + gradient + AdamW"] = 16 * (H + 1)  # float32
+    grads_c = 0
+    if critic is not None:  # attached to the policy: the same optimizer, sharding and wrappers
+        sizes["critic: trainable weights"] = 4 * critic.trainable // shard
+        if critic.frozen:
+            sizes["critic: frozen weights"] = 4 * critic.frozen // shard
+        sizes["critic: optimizer state (AdamW)"] = 8 * critic.trainable // shard
+        grads_c = 4 * critic.trainable // shard
+        sizes["critic: gradients"] = grads_c
+        copies_c = 0 if (fsdp and device == "gpu") else bf16_weight_copies(critic.shape, critic.training)
+        if copies_c:
+            sizes["critic: bf16 weight copies"] = copies_c
+        if nproc > 1 and not fsdp:
+            sizes["DDP gradient buckets"] = sizes.get("DDP gradient buckets", 0) + grads_c
     if nproc > 1 and not fsdp and trainable:
-        sizes["DDP gradient buckets"] = grads  # DDP copies gradients into its own flat buckets
-    static = {k: v for k, v in sizes.items() if k != "gradients"}
+        sizes["DDP gradient buckets"] = sizes.get("DDP gradient buckets", 0) + grads  # DDP's own flat buckets
+    static = {k: v for k, v in sizes.items() if k not in ("gradients", "critic: gradients")}
 
     # --- one micro-batch -----------------------------------------------------------------------------
     batch = recipe.batch(cfg, s, data)
@@ -547,6 +618,18 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
     # Gradient buffers flowing through one layer's backward: the lean MLP rebuilds its activation and four
     # [tokens, MLP] gradients; attention its q/k/v gradients.
     working = e * T * (5 * s.intermediate + 4 * H)
+    acts_c = 0
+    if critic is not None:
+        # The critic's own forward over the same packed micro-batch (posttrain.algorithms.online._forward): its
+        # layers, final norm and score head over the scored positions; no LM head.
+        cs, ct = critic.shape, critic.training
+        per_layer_c = layer_saved_bytes(cs, ct, batch.masked, batch.units) * T + layer_extra_bytes(cs, ct, batch)
+        kept_c, recomputed_c = (4 * cs.hidden * T, per_layer_c) if ct.checkpointing else (per_layer_c, 0)
+        other_c = (2 * 4 * cs.head_dim * T + (4 * cs.hidden + 4 + (4 * cs.hidden if ct.full else 0)) * T
+                   + (4 * cs.hidden + 8) * S + batch.mask_bytes)
+        acts_c = cs.layers * kept_c + recomputed_c + other_c
+        sizes["critic: activations"] = acts_c
+        working = max(working, ct.e * T * (5 * cs.intermediate + 4 * cs.hidden))
     sizes["backward buffers (one layer)"] = working
 
     # Gradients by where they are written: the LM head first (tied: the embedding matrix), then layer by layer.
@@ -567,8 +650,17 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
             live_grads, live_acts = grads, recomputed + other
     train_phase = {**static, "gradients": int(live_grads), "activations": int(live_acts),
                    "logits / log-prob chunks": chunks, "backward buffers (one layer)": working}
+    if critic is not None:
+        # The critic's forward runs after the policy's, so backward reaches it first: its activations are freed
+        # (and its gradients written) while the policy's are all still live.
+        if acc > 1:
+            train_phase["critic: gradients"], train_phase["critic: activations"] = grads_c, acts_c
+        elif live_acts == activations:  # the policy's peak is at the start of its backward
+            train_phase["critic: gradients" if grads_c >= acts_c else "critic: activations"] = max(grads_c, acts_c)
+        else:
+            train_phase["critic: gradients"] = grads_c
     phases["forward and backward"] = train_phase
-    step = {**static, "gradients": grads}
+    step = {**static, "gradients": grads, "critic: gradients": grads_c}
     if trainable and t.full and s.tied and recipe.head == "lm":
         step["backward buffers (one layer)"] = w * V * H // shard  # the embedding's dense gradient, added to the head's
     phases["optimizer step"] = step
@@ -647,6 +739,10 @@ def fit_changes(command: str, settings: list[str], budget_bytes: int, config_fil
     if cfg.lora is None and add(["lora.r=16"], "trains low-rank adapters instead of every weight"):
         return out
     _, cfg = total([])
+    if getattr(cfg, "critic", "none") == "separate" and add(
+            ["critic=shared"], "a value head on the policy instead of a second model (the value loss then also "
+            "trains the policy's weights)"):
+        return out
     if recipe.reference(cfg) == "copy" and hasattr(cfg, "precompute_ref_log_probs") and add(
             ["precompute_ref_log_probs=true"], "same result; one scoring pass before training, no reference kept"):
         return out

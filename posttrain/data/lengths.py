@@ -22,10 +22,10 @@ from posttrain.data.tokenize import encode_pair, encode_sft_row, row_errors, tru
 
 # What each training command reads (posttrain.data.formats.KINDS), and where its Config lives.
 KIND = {"sft": "sft", "dpo": "preference", "rm": "preference", "kto": "unpaired", "grpo": "prompt",
-        "online-dpo": "prompt"}
+        "online-dpo": "prompt", "ppo": "prompt"}
 MODULES = {"sft": "posttrain.algorithms.sft", "dpo": "posttrain.algorithms.dpo", "rm": "posttrain.algorithms.rm",
            "kto": "posttrain.algorithms.kto", "grpo": "posttrain.algorithms.grpo",
-           "online-dpo": "posttrain.algorithms.online_dpo"}
+           "online-dpo": "posttrain.algorithms.online_dpo", "ppo": "posttrain.algorithms.ppo"}
 
 
 @dataclass
