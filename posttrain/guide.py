@@ -30,6 +30,7 @@ class Method:
 
 PAIRS_HAVE = "preference pairs (prompt, chosen, rejected)"
 VERIFIER_HAVE = "prompts with a verifiable answer"
+RM_HAVE = "prompts and a reward model"
 PAIRS, UNPAIRED, PROMPTS, DEMOS = ("preference",), ("unpaired", "preference"), ("prompt_only",), (
     "prompt_completion", "language_modeling")
 
@@ -79,9 +80,16 @@ GUIDE: tuple[Method, ...] = (
     Method(VERIFIER_HAVE, "rollouts are the cost", "2-GRPO",
            "two samples per prompt (a contrastive pair): a quarter of the rollouts of G = 8",
            "posttrain grpo dataset=prompts.jsonl num_generations=2", PROMPTS),
-    Method("prompts and a reward model, token-level credit wanted", "PPO: not in posttrain yet (issue 12)",
-           "GRPO with a reward model",
-           "until PPO (critic, per-token advantages) lands: the reward model scores each sampled answer",
+    Method(RM_HAVE, "token-level credit (long answers, one score at the end)", "PPO",
+           "a critic estimates each token's value (GAE), so credit goes to the tokens that earned the score; the KL "
+           "to the reference is in the per-token reward", "posttrain ppo dataset=prompts.jsonl reward_model=runs/rm",
+           PROMPTS),
+    Method(RM_HAVE, "PPO in the memory of one model", "PPO, LoRA + shared critic",
+           "the critic is a value head on the policy and the reference its adapter switched off: one copy of the "
+           "base weights (plus the reward model)",
+           "posttrain ppo dataset=prompts.jsonl reward_model=runs/rm lora.r=16 critic=shared", PROMPTS),
+    Method(RM_HAVE, "no critic wanted (one sequence score is enough)", "GRPO with a reward model",
+           "the reward model scores each sampled answer; the group is the baseline, no value model to train",
            "posttrain grpo dataset=prompts.jsonl reward_funcs=reward_model reward_model=runs/rm", PROMPTS),
 )
 

@@ -345,14 +345,14 @@ def _critic(cfg, s: Shape, t: Training) -> CriticModel | None:
     elif Path(source).expanduser().exists() or source.lower() in {**PRESETS, **SIZE_ALIASES}:
         shape = model_shape(source, cfg.trust_remote_code)
     else:  # a reward model not trained yet: usually trained from the policy's base
-        shape, why = s, why + "; not found here, assumed the policy's shape"
+        shape, why = s, why + " (not found here: the policy's shape assumed)"
     ct = dataclasses.replace(t, weight_bytes=4)  # posttrain.critic.build loads it in float32
     n = shape.params("score")
     if ct.full:
-        return CriticModel(shape, ct, n, 0, why + ", every weight trained")
+        return CriticModel(shape, ct, n, 0, why + "; every weight trained")
     adapters = shape.layers * sum(ct.lora_r * sum(shape.dims(m)) for m in ct.lora_targets if m in LINEARS)
-    return CriticModel(shape, ct, adapters + shape.hidden, n, why + f", LoRA r={ct.lora_r} of its own and its head "
-                       "trained")
+    return CriticModel(shape, ct, adapters + shape.hidden, n, why + f"; a LoRA r={ct.lora_r} adapter of its own and its "
+                       "head trained")
 
 
 def online_dpo_batch(cfg, s: Shape, data: list | None = None) -> Batch:

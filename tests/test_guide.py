@@ -42,7 +42,7 @@ def test_every_entry_is_a_valid_command_with_the_planners_memory():
     methods = {e["method"] for e in entries}
     # The map: pairs -> DPO and its situational variants, thumbs -> KTO, a verifier -> the GRPO family.
     assert {"DPO", "cDPO / robust DPO", "IPO", "NCA / APO-zero / RPO", "SimPO / ORPO / CPO", "KTO", "GRPO",
-            "DAPO settings", "GSPO", "GDPO", "2-GRPO"} <= methods
+            "DAPO settings", "GSPO", "GDPO", "2-GRPO", "PPO"} <= methods
     reference_free = next(e for e in entries if e["method"] == "SimPO / ORPO / CPO")
     dpo = next(e for e in entries if e["method"] == "DPO")
     assert reference_free["memory_bytes"] < dpo["memory_bytes"]  # no reference copy in memory

@@ -336,6 +336,77 @@ def test_grpo_generation_kv_cache_and_reference():
     assert rm.sizes["frozen weights: reward model"] == 4 * PRESETS["smollm2-135m"].params("score")
 
 
+def test_ppo_separate_critic_by_hand():
+    """PPO, full fine-tuning of SmolLM2-135M (N = 134,515,008 parameters, tied), a separate critic from the policy's
+    weights (a sequence classifier: N - 0 + 576 = 134,515,584 parameters, float32), a reference copy (kl_coef 0.05),
+    4 prompts a step of 64 tokens, one completion each of 32, 2 completions a micro-batch (2 per step), on one GPU:
+      policy      weights 4N, reference 4N, AdamW 8N, gradients 4N = 20N = 2,690,300,160
+      critic      weights, AdamW, gradients 16 x 134,515,584 = 2,152,249,344
+      micro-batch two units of a 64-token prompt + a 32-token completion: 192 positions, 64 scored, 192 key/value
+                  copies, 2 x 32 x 96 = 6144 mask entries
+      per token and layer (float32, the unit layout repeats the key/value heads: K = A = 576): norms
+        2 x (4 x 576 + 4) = 4616 + normalised inputs 2 x 4 x 576 = 4608 + the inputs of q/k/v and gate/up 2 x 4 x
+        576 = 4608 + q, k, output 3 x 4 x 576 = 6912 + log-sum-exp 4 x 9 = 36 + o_proj's own input 2304 + lean
+        MLP 2 x 4 x 1536 = 12288 = 35,372 bytes
+      per layer besides: keys 4 x 576 x 192 = 442,368, key/value copies 2 x 4 x 576 x 192 = 884,736, masks
+        4 x 6144 = 24,576 -> 1,351,680; 30 layers x (192 x 35,372 + 1,351,680) = 244,293,120
+      policy      + rotary 2 x 4 x 64 x 192 = 98,304 + final norm (4 x 576 + 4 + 4 x 576) x 192 = 885,504
+                  + head inputs (4 x 576 + 16) x 64 = 148,480 + masks 6144 = 245,431,552
+      critic      the same layers, rotary, norm and masks; its score head's inputs (4 x 576 + 8) x 64 = 147,968:
+                  245,431,040
+      LM head chunks: the 64 positions' softmax kept (4 x 64 x 49152 = 12,582,912) + a chunk and its gradient
+        (25,165,824) + the hidden states' gradient 147,456 = 37,896,192; one layer's backward buffers
+        4 x 192 x (5 x 1536 + 4 x 576) = 7,667,712
+    Two micro-batches a step: the first's gradients (policy's and critic's) are all there while the second's
+    activations (policy's and critic's) build up, so the peak holds every term above:
+    2,690,300,160 + 2,152,249,344 + 245,431,552 + 245,431,040 + 37,896,192 + 7,667,712 = 5,378,976,000."""
+    p = _plan("ppo", "device=gpu", "max_prompt_length=64", "max_completion_length=32", "batch_size=4",
+              "micro_batch_size=2", "critic=separate")
+    N, Nc = 134_515_008, 134_515_584
+    assert PRESETS["smollm2-135m"].params("score") == Nc and p.accumulation == 2
+    assert (p.batch.tokens, p.batch.scored, p.batch.kv_copies, p.batch.mask_cells) == (192, 64, 192, 6144)
+    assert layer_saved_bytes(PRESETS["smollm2-135m"], Training(), masked=False, units=True) == 35_372
+    assert layer_extra_bytes(PRESETS["smollm2-135m"], Training(), p.batch) == 1_351_680
+    assert p.sizes["frozen weights: reference"] == p.sizes["trainable weights"] == 4 * N
+    assert (p.sizes["critic: trainable weights"], p.sizes["critic: optimizer state (AdamW)"],
+            p.sizes["critic: gradients"]) == (4 * Nc, 8 * Nc, 4 * Nc)
+    assert p.sizes["activations"] == 245_431_552 and p.sizes["critic: activations"] == 245_431_040
+    assert p.components["logits / log-prob chunks"] == 37_896_192
+    assert p.components["backward buffers (one layer)"] == 7_667_712
+    assert p.total == 5_378_976_000 and p.peak_phase == "forward and backward"
+    assert "every weight trained" in dict(p.models)["critic"] and dict(p.models)["reference"] == \
+        "a frozen copy of the weights"
+    # KV cache: 2 x 30 layers x 3 x 64 x 4 bytes x 4 rows x (64 + 32) positions
+    assert p.sizes["KV cache (generation)"] == 2 * 30 * 3 * 64 * 4 * 4 * 96
+
+
+def test_ppo_shared_critic_lora_reward_model_and_mini_batches():
+    """LoRA with a shared critic: one copy of the base weights (reference = the adapter off), the critic only a
+    float32 value head of H + 1 parameters (weights, gradient, two AdamW moments: 16 bytes each). A separate
+    critic with LoRA has the base weights once more (float32) and its own adapter and score head; a reward
+    model is one more frozen model; num_mini_batches samples that many steps' prompts in one generation."""
+    base = ["max_prompt_length=64", "max_completion_length=32", "batch_size=4", "micro_batch_size=4", "lora.r=16"]
+    shared = _plan("ppo", *base, "critic=shared")
+    assert shared.sizes["critic: value head + gradient + AdamW"] == 16 * 577
+    assert "adapter disabled" in dict(shared.models)["reference"] and "value head" in dict(shared.models)["critic"]
+    assert "frozen weights: reference" not in shared.sizes and "critic: trainable weights" not in shared.sizes
+    sep = _plan("ppo", *base, "critic=separate")
+    adapters = 30 * 16 * (2 * (576 + 576) + 2 * (576 + 192))  # q, o and k, v: r x (in + out) per layer
+    assert sep.sizes["critic: frozen weights"] == 4 * 134_515_584
+    assert sep.sizes["critic: trainable weights"] == 4 * (adapters + 576)
+    assert sep.sizes["trainable weights"] == 4 * adapters
+    rm = _plan("ppo", *base, "critic=separate", "reward_model=runs/no-rm-here")
+    assert rm.sizes["frozen weights: reward model"] == rm.sizes["critic: frozen weights"] == 4 * 134_515_584
+    assert dict(rm.models)["critic"].startswith("134.5M parameters (1.84M trained): value model from runs/no-rm-here")
+    two = _plan("ppo", *base, "critic=shared", "num_mini_batches=2")
+    assert two.sizes["KV cache (generation)"] == 2 * shared.sizes["KV cache (generation)"]
+    none = _plan("ppo", *base, "critic=shared", "kl_coef=0")
+    assert "reference" not in dict(none.models)
+    # The budget advice: LoRA first, then a shared critic instead of a second model.
+    changes = fit_changes("ppo", ["dataset=x.jsonl", "critic=separate", *base[:-1]], 2 * GiB)
+    assert [c.setting for c in changes][:2] == ["lora.r=16", "critic=shared"]
+
+
 def test_cpu_total_includes_the_runtime_and_distributed_settings_shard():
     cpu = _plan("dpo", "device=cpu")
     gpu = _plan("dpo", "device=gpu")
@@ -379,7 +450,7 @@ def test_memory_cli_json_table_budget_and_errors(capsys):
     assert "KV cache (generation)" in text and "what would make it fit" in text and "lora.r=16" in text
     assert cli.main(["memory", "sft", "--budget", "100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["budget"] == {"bytes": 100 * GiB, "fits": True, "changes": []}
-    for argv, msg in ((["memory", "ppo"], "unknown command 'ppo'"), (["memory", "dpo", "lr=1"], "unknown key"),
+    for argv, msg in ((["memory", "ppx"], "unknown command 'ppx'"), (["memory", "dpo", "lr=1"], "unknown key"),
                       (["memory", "dpo", "model=/no/such/folder"], "path not found"),
                       (["memory", "dpo", "nproc=0"], "nproc must be >= 1"), (["memory"], "usage: posttrain memory"),
                       (["memory", "dpo", "--budget", "-1"], "positive number")):
@@ -390,7 +461,7 @@ def test_memory_cli_json_table_budget_and_errors(capsys):
 
 def test_memory_for_every_command_and_setting_combination():
     """Every command under each switch that changes the layout: totals are positive and add up."""
-    for command, extra in itertools.product(["sft", "dpo", "kto", "rm", "grpo", "orpo"],
+    for command, extra in itertools.product(["sft", "dpo", "kto", "rm", "grpo", "ppo", "orpo"],
                                             [[], ["lora.r=8"], ["gradient_checkpointing=true"], ["bf16=true"]]):
         p = _plan(command, *extra)
         assert p.total == sum(p.components.values()) > RUNTIME_BYTES, (command, extra)
