@@ -176,13 +176,24 @@ def kto_batch(cfg, s: Shape, data: list | None = None) -> Batch:
 
 
 def rm_batch(cfg, s: Shape, data: list | None = None) -> Batch:
+    """Pairs of whole sequences. shared_prefix (the default): the tokens chosen and rejected share run once, both
+    continuations packed after them (posttrain.algorithms.rm.packed_rewards, the unit layout); else 2B padded rows."""
     B, T = cfg.micro_batch_size, cfg.max_length
-    if data:  # (chosen, rejected) sequence tokens kept
-        top = _longest(data, B, key=max)
-        width = max(max(x) for x in top)
-        flat = [v for x in data for v in x]
+    packed = getattr(cfg, "shared_prefix", False)
+    if data:  # (chosen, rejected, shared) tokens kept
+        if packed:
+            top = _longest(data, B, key=lambda x: x[0] + x[1] - x[2])
+            return _packed([(p, [c - p, r - p]) for c, r, p in top], 0,
+                           f"the {len(top)} longest pairs, the shared first tokens once with both continuations: "
+                           f"{sum(c + r - p for c, r, p in top)} positions")
+        top = _longest(data, B, key=lambda x: max(x[:2]))
+        width = max(max(x[:2]) for x in top)
+        flat = [v for x in data for v in x[:2]]
         return _padded(2 * len(top), width, 0, f"the {len(top)} longest pairs = {2 * len(top)} sequences padded to "
                        f"{width}", len(set(flat)) > 1)
+    if packed:  # worst case: one shared token, then T - 1 of each sequence's own
+        return _packed([(1, [T - 1, T - 1])] * B, 0, f"{B} pairs, the shared first token once with both "
+                       f"continuations: {B} x {2 * T - 1} positions")
     return _padded(2 * B, T, 0, f"{B} pairs = {2 * B} sequences x {T} tokens")
 
 
@@ -253,7 +264,7 @@ def data_lengths(command: str, cfg) -> tuple[list | None, str]:
         if command in ("grpo", "online-dpo", "ppo"):
             out.append(k["prompt"])
         elif command == "rm":
-            out.append((k["chosen_sequence"], k["rejected_sequence"]))
+            out.append((k["chosen_sequence"], k["rejected_sequence"], it.shared_prefix or 0))
         elif command == "dpo":
             out.append((k["prompt"], k["chosen"], k["rejected"]))
         elif "chosen" in k:  # kto on pairs: two examples

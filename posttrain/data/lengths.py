@@ -42,6 +42,7 @@ class Item:
     rejected_ids: list | None = None
     label: bool | None = None
     answer: object = None
+    shared_prefix: int | None = None  # rm: the first tokens the kept chosen and rejected sequences share
 
 
 def text_of(value) -> str:
@@ -101,17 +102,20 @@ def tokenize(command: str, fmt: str, rows: list, tok, cfg) -> tuple[list[Item], 
                     p, c = encode_pair(tok, d["prompt"], d["chosen"])
                     _, j = encode_pair(tok, d["prompt"], d["rejected"])
                     lengths = {"prompt": len(p), "chosen": len(c), "rejected": len(j)}
+                    shared = None
                     if command == "rm":  # the reward model reads the whole rendered sequence, cut from its start
-                        from posttrain.algorithms.rm import encode_for_reward
+                        from posttrain.algorithms.rm import _common_prefix, encode_for_reward
 
                         full = [len(encode_for_reward(tok, d["prompt"], d[k], 10**9)) for k in ("chosen", "rejected")]
                         lengths.update(chosen_sequence=full[0], rejected_sequence=full[1])
-                        kept = {f"{k}_sequence": len(encode_for_reward(tok, d["prompt"], d[k], L, P))
-                                for k in ("chosen", "rejected")}
+                        seqs = [encode_for_reward(tok, d["prompt"], d[k], L, P) for k in ("chosen", "rejected")]
+                        kept = {"chosen_sequence": len(seqs[0]), "rejected_sequence": len(seqs[1])}
+                        shared = _common_prefix(*seqs)  # what shared_prefix runs once
                     else:
                         a, b = cut(p, c), cut(p, j)
                         kept = None if a is None or b is None else {"prompt": a[0], "chosen": a[1], "rejected": b[1]}
-                    it = Item(r.source, text_of(d["prompt"]), lengths, kept=kept, chosen_ids=c, rejected_ids=j)
+                    it = Item(r.source, text_of(d["prompt"]), lengths, kept=kept, chosen_ids=c, rejected_ids=j,
+                              shared_prefix=shared)
                 elif fmt in ("unpaired", "prompt_completion"):
                     p, c = encode_pair(tok, d["prompt"], d["completion"])
                     a = cut(p, c)
