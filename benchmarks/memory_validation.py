@@ -3,7 +3,7 @@
     python benchmarks/memory_validation.py baseline              # the runtime's own peak RSS (memory.RUNTIME_BYTES)
     python benchmarks/memory_validation.py run                   # every configuration: table on stdout
     python benchmarks/memory_validation.py run --only dpo-copy-256,sft-full-512 --json out.json
-    python benchmarks/memory_validation.py replan --json out.json  # the planner column again, same measurements
+    python benchmarks/memory_validation.py replan --json out.json more.json  # the planner column again, same measurements
 
 `run` writes data that fills the length limits into a temporary folder (long texts cut from
 /work/shared/data/hh_helpful_train.jsonl, so every sequence is truncated at max_length and every GRPO prompt
@@ -171,34 +171,40 @@ def run(names: list[str] | None, json_out: str | None) -> list[dict]:
     return results
 
 
-def replan(json_in: str) -> None:
-    """The planner column again with the code checked out now, beside the peak RSS stored in `json_in` (valid
-    while the training code is the one the runs measured: compare `git diff MEASURED_COMMIT -- posttrain/`)."""
+def replan(json_in: list[str]) -> None:
+    """The planner column again with the code checked out now, beside the peak RSS stored in the files `run`
+    wrote (one per configuration or several in one; valid while the training code is the one the runs measured:
+    compare `git diff MEASURED_COMMIT -- posttrain/`). Prints the table with each row's measured commit."""
     from posttrain.memory import plan
 
-    old = json.loads(Path(json_in).read_text())
+    measured = []
+    for path in json_in:
+        old = json.loads(Path(path).read_text())
+        measured += [(r, old["commit"], old["date"]) for r in old["results"]]
+    order = {name: i for i, (name, _, _) in enumerate(CONFIGS)}
+    measured.sort(key=lambda x: order.get(x[0]["name"], len(order)))
     commit = _commit()
     configs = {name: (command, settings) for name, command, settings in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="posttrain-memval-") as tmp:
         files = write_data(Path(tmp) / "data")
-        print(f"peak RSS measured at {old['commit']} on {old['date']}; planner at {commit}")
+        print(f"planner at {commit}")
         print()
-        print("| configuration | settings | planner | peak RSS | planner / measured - 1 | within 15% |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in old["results"]:
+        print("| configuration | settings | planner | peak RSS | planner / measured - 1 | within 15% | measured at |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r, at, date in measured:
             command, settings = configs[r["name"]]
             total = plan(command, [f"dataset={files[DATA_OF[command]]}", *settings]).total
             err = total / r["peak_rss_bytes"] - 1
             print(f"| {r['name']} | `{r['command']}` | {total / GiB:.2f} GiB | {r['peak_rss_bytes'] / GiB:.2f} GiB "
-                  f"| {err:+.1%} | {'yes' if abs(err) <= 0.15 else '**no**'} |")
+                  f"| {err:+.1%} | {'yes' if abs(err) <= 0.15 else '**no**'} | `{at}`, {date}, {r['wall_s']:.0f} s |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["baseline", "run", "replan"])
     ap.add_argument("--only", help="comma-separated configuration names")
-    ap.add_argument("--json", help="run: write every result (with the planner's components) to this file; "
-                                   "replan: the file a run wrote")
+    ap.add_argument("--json", nargs="+", help="run: write every result (with the planner's components) to this "
+                                              "file; replan: the files runs wrote")
     args = ap.parse_args()
     if SHARED is None:
         sys.exit("the shared data folder (../shared/data or /work/shared/data) is needed for the long texts")
@@ -207,7 +213,7 @@ def main() -> None:
     elif args.what == "replan":
         replan(args.json)
     else:
-        run(args.only.split(",") if args.only else None, args.json)
+        run(args.only.split(",") if args.only else None, args.json[0] if args.json else None)
 
 
 if __name__ == "__main__":

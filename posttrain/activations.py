@@ -140,10 +140,16 @@ def layer_extra_bytes(s: Shape, t: Training, batch: Batch) -> int:
     mask to bf16 in every layer and each layer keeps its cast. The unit layout keeps, per completion, the keys and
     values it attends over (2 x e x A per position) and its mask in the query's dtype (e per entry); and the keys
     (repeated to A) whole, or under autocast only the bf16 casts of the prompts' keys (rotary embeddings leave
-    the keys in float32; each attention call casts the slice it reads)."""
+    the keys in float32; each attention call casts the slice it reads). With no prompt tokens at all the whole
+    keys and values are not kept (only the per-completion copies)."""
     e, A = t.e, s.heads * s.head_dim
     if batch.units:
-        keys = 2 * A * batch.prompt_tokens if t.autocast else e * A * batch.tokens
+        if not batch.prompt_tokens:
+            # No unit has a prompt (a reward model's pairs that share no first token): the empty prompt slices
+            # keep nothing, so neither the whole keys nor the whole values (counted per token) are kept.
+            keys = -e * A * batch.tokens
+        else:
+            keys = 2 * A * batch.prompt_tokens if t.autocast else e * A * batch.tokens
         return keys + 2 * e * A * batch.kv_copies + e * batch.mask_cells
     return 2 * batch.rows * batch.width * batch.width if (t.autocast and batch.masked) else 0
 

@@ -213,6 +213,45 @@ def test_unit_layout_saved_bytes_equal_what_autograd_keeps(tokenizer, targets, b
     assert measured == want, sorted(seen.values(), key=lambda v: -v[0])
 
 
+@pytest.mark.parametrize("prefix,bf16", [(5, False), (0, False), (5, True), (0, True)])
+def test_reward_model_packed_pairs_saved_bytes(tokenizer, prefix, bf16):
+    """A reward model's pair packed as the shared first tokens once with both continuations (`rm shared_prefix`),
+    also when they share nothing (long sequences cut from the start): the formula equals the saved tensors."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.algorithms.rm import packed_rewards
+    from posttrain.models import lean_mlp
+    from posttrain.testing import tiny_model
+
+    torch.manual_seed(0)
+    config = tiny_model(tokenizer, hidden_size=64, num_layers=3).config
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.config._attn_implementation = "sdpa"
+    lean_mlp(model)
+    own = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+    layer, inside, seen = model.model.layers[1], [False], {}
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(x):
+        st = x.untyped_storage()
+        if inside[0] and st.data_ptr() not in own:
+            seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        packed_rewards(model, [torch.randint(3, 300, (prefix,)).tolist()], torch.randint(3, 300, (2, 14)),
+                       torch.tensor([9, 14]))
+    rotary_or_weight = lambda shape, dtype: (len(shape) == 4 and shape[:2] == (1, 1)) or dtype == torch.bool or (  # noqa: E731
+        len(shape) == 2 and set(shape) <= {4, 32, 64, 128})
+    measured = sum(n for n, shape, dtype in seen.values() if not rotary_or_weight(shape, dtype))
+    shape, t = Shape("tiny", 64, 3, 4, 2, 16, 128, 320, True), Training(bf16=bf16)
+    batch = _packed([(prefix, [9, 14])], 0, "")
+    assert measured == layer_saved_bytes(shape, t, False, units=True) * batch.tokens + layer_extra_bytes(shape, t, batch)
+
+
 def test_layer_saved_bytes_by_hand():
     """SmolLM2-135M (H = A = 576, K = 192 without a mask, I = 1536, 9 heads), full fine-tuning, float32:
       norms 2 x (4 x 576 + 4) = 4616, their normalised inputs 2 x 4 x 576 = 4608,
