@@ -58,7 +58,7 @@ GUIDE: tuple[Method, ...] = (
            "reference-free: nothing but the policy in memory and no reference pass",
            "posttrain dpo dataset=pairs.jsonl loss_type=simpo", PAIRS),
     Method(PAIRS_HAVE, "a scalar reward for RLHF or best-of-n", "reward model (Bradley-Terry)",
-           "a sequence classifier that scores any (prompt, answer); use it in GRPO with reward_funcs=reward_model",
+           "a sequence classifier that scores any (prompt, answer); PPO and GRPO use it with reward_model=PATH",
            "posttrain rm dataset=pairs.jsonl", PAIRS),
     Method("thumbs up / down per answer (no pairs)", "the default", "KTO",
            "learns from unpaired desirable / undesirable answers; balance the classes with desirable_weight",

@@ -325,7 +325,7 @@ def _grpo_extras(cfg, s: Shape) -> list[Extra]:
     if Path(cfg.reward_model).expanduser().exists():
         rm = model_shape(cfg.reward_model, cfg.trust_remote_code)
     else:  # not trained yet (or on another machine): a reward model is usually trained from the policy's base
-        rm, why = s, why + "; not found here, assumed the policy's shape"
+        rm, why = s, why + " (not found here: the policy's shape assumed)"
     return [Extra("reward model", rm.params("score"), why)]
 
 
@@ -791,7 +791,7 @@ def render(p: Plan, changes: list[Change] | None = None, budget: float | None = 
     lines = [f"posttrain memory {p.command}: {p.shape.describe()}",
              f"{devices}; {per_step}; the largest micro-batch: {p.batch.what}", f"({p.lengths})", "",
              "models in memory"]
-    lines += [f"  {name:<12}{why}" for name, why in p.models]
+    lines += [f"  {name:<13}{why}" for name, why in p.models]
     lines += ["", f"  {'component':<40}{'at peak':>12}{'full size':>13}"]
     for name, size in p.sizes.items():
         live = p.components.get(name, 0)
