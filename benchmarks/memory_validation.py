@@ -131,6 +131,18 @@ def _commit() -> str:
                           check=True).stdout.strip()
 
 
+def _fresh_cache(folder: Path) -> Path:
+    """A posttrain cache with no reference log-probs, so a precompute_ref_log_probs run always includes its scoring
+    pass as a first run does (an earlier measurement's cached values would skip it), sharing the converted
+    embedded model (converting it again would be a different run)."""
+    from posttrain.models import cache_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "models").mkdir(parents=True, exist_ok=True)
+    (folder / "models").symlink_to(cache_dir() / "models")
+    return folder
+
+
 def run(names: list[str] | None, json_out: str | None) -> list[dict]:
     from posttrain.memory import plan
 
@@ -147,7 +159,7 @@ def run(names: list[str] | None, json_out: str | None) -> list[dict]:
             predicted = plan(command, full)
             argv = [sys.executable, "-m", "posttrain", command, *full, "max_steps=2", "progress=false",
                     f"output_dir={tmp}/runs/{name}", "logging_steps=1"]
-            rss, wall, _ = peak_rss(argv)
+            rss, wall, _ = peak_rss(argv, env={**os.environ, "POSTTRAIN_CACHE": str(_fresh_cache(Path(tmp) / name))})
             err = predicted.total / rss - 1
             row = {"name": name, "command": f"posttrain {command} {' '.join(settings)}", "planner_bytes": predicted.total,
                    "peak_rss_bytes": rss, "error": err, "wall_s": round(wall, 1), "peak_phase": predicted.peak_phase,

@@ -303,18 +303,27 @@ def head_bytes(scored: int, vocab: int, hidden: int, w: int, wrapped: bool = Fal
     from forward, up to KEEP_BYTES (chunk by chunk, in order), the chunk being worked on and its gradient, and
     the hidden states' gradient. A head carrying a LoRA adapter runs as a module instead: [scored, vocab] float32
     logits at once, with the softmax autograd keeps beside them."""
-    from posttrain.logprobs import KEEP_BYTES
-
     if wrapped:
         return 3 * 4 * scored * vocab + w * hidden * scored
     c = min(auto_chunk(vocab), scored)
+    return head_kept_bytes(scored, vocab) + 2 * 4 * c * vocab + w * hidden * scored
+
+
+def head_kept_bytes(scored: int, vocab: int) -> int:
+    """The softmax chunks the chunked LM head keeps from forward for backward (up to logprobs.KEEP_BYTES, whole
+    chunks in order). They hang on the autograd node, not in its saved tensors, so backward does not free them:
+    they live while the micro-batch's loss is referenced, which the engine's loop does until the next
+    micro-batch's forward has returned (measured: benchmarks/MEMORY.md)."""
+    from posttrain.logprobs import KEEP_BYTES
+
+    c = min(auto_chunk(vocab), scored) if scored else 0
     kept, budget = 0, KEEP_BYTES
-    for start in range(0, scored, c):
+    for start in range(0, scored, max(c, 1)):
         size = 4 * min(c, scored - start) * vocab
         if size > budget:
             break
         kept, budget = kept + size, budget - size
-    return kept + 2 * 4 * c * vocab + w * hidden * scored
+    return kept
 
 
 def _grpo_extras(cfg, s: Shape) -> list[Extra]:
@@ -661,6 +670,11 @@ def estimate(run: Run, s: Shape, data: list | None = None, settings: list | None
             live_grads, live_acts = grads, recomputed + other
     train_phase = {**static, "gradients": int(live_grads), "activations": int(live_acts),
                    "logits / log-prob chunks": chunks, "backward buffers (one layer)": working}
+    if acc > 1 and chunks and "lm_head" not in t.lora_targets:
+        # The previous micro-batch's kept softmax chunks are still referenced (see head_kept_bytes).
+        previous = head_kept_bytes(S, V)
+        sizes["previous micro-batch's log-prob chunks"] = previous
+        train_phase["previous micro-batch's log-prob chunks"] = previous
     if critic is not None:
         # The critic's forward runs after the policy's, so backward reaches it first: its activations are freed
         # (and its gradients written) while the policy's are all still live.

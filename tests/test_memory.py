@@ -333,14 +333,18 @@ def test_16_bit_weights_halve_weights_gradients_and_adamw():
 
 def test_peak_holds_all_gradients_with_accumulation_and_lora_frees_none():
     """With several micro-batches a step the gradients of the first stay while the second builds its activations,
-    so the peak holds both whole; with one micro-batch a step of the small model the activations dominate and only
-    the head's gradient is written at the peak."""
+    so the peak holds both whole, and the first's kept softmax chunks (4 chunks of 256 x 49152 float32 = 192 MiB,
+    the KEEP_BYTES cap, of its 4 x 511 scored positions: the engine still references its loss); with one
+    micro-batch a step of the small model the activations dominate and only the head's gradient is written at
+    the peak."""
     one = _plan("sft", "micro_batch_size=4", "batch_size=4", "max_length=512")
     four = _plan("sft", "micro_batch_size=4", "batch_size=16", "max_length=512")
     assert one.accumulation == 1 and four.accumulation == 4
     assert one.components["gradients"] == 4 * 49152 * 576  # the tied head / embedding gradient only
     assert four.components["gradients"] == four.sizes["gradients"] == 4 * 134_515_008
-    assert four.total - one.total == four.sizes["gradients"] - one.components["gradients"]
+    assert four.components["previous micro-batch's log-prob chunks"] == 4 * 256 * 49152 * 4 == 192 << 20
+    assert "previous micro-batch's log-prob chunks" not in one.components
+    assert four.total - one.total == four.sizes["gradients"] - one.components["gradients"] + (192 << 20)
     lora = _plan("sft", "micro_batch_size=4", "batch_size=16", "max_length=512", "lora.r=16")
     assert lora.sizes["trainable weights"] == 4 * 30 * 16 * (2 * (576 + 576) + 2 * (576 + 192))
     assert lora.sizes["optimizer state (AdamW)"] == 2 * lora.sizes["trainable weights"]
@@ -397,8 +401,10 @@ def test_ppo_separate_critic_by_hand():
         (25,165,824) + the hidden states' gradient 147,456 = 37,896,192; one layer's backward buffers
         4 x 192 x (5 x 1536 + 4 x 576) = 7,667,712
     Two micro-batches a step: the first's gradients (policy's and critic's) are all there while the second's
-    activations (policy's and critic's) build up, so the peak holds every term above:
-    2,690,300,160 + 2,152,249,344 + 245,431,552 + 245,431,040 + 37,896,192 + 7,667,712 = 5,378,976,000."""
+    activations (policy's and critic's) build up, and so are the first's kept softmax chunks (12,582,912: the
+    engine still references its loss), so the peak holds every term above:
+    2,690,300,160 + 2,152,249,344 + 245,431,552 + 245,431,040 + 37,896,192 + 7,667,712 + 12,582,912
+    = 5,391,558,912."""
     p = _plan("ppo", "device=gpu", "max_prompt_length=64", "max_completion_length=32", "batch_size=4",
               "micro_batch_size=2", "critic=separate")
     N, Nc = 134_515_008, 134_515_584
@@ -412,7 +418,8 @@ def test_ppo_separate_critic_by_hand():
     assert p.sizes["activations"] == 245_431_552 and p.sizes["critic: activations"] == 245_431_040
     assert p.components["logits / log-prob chunks"] == 37_896_192
     assert p.components["backward buffers (one layer)"] == 7_667_712
-    assert p.total == 5_378_976_000 and p.peak_phase == "forward and backward"
+    assert p.components["previous micro-batch's log-prob chunks"] == 12_582_912
+    assert p.total == 5_391_558_912 and p.peak_phase == "forward and backward"
     assert "every weight trained" in dict(p.models)["critic"] and dict(p.models)["reference"] == \
         "a frozen copy of the weights"
     # KV cache: 2 x 30 layers x 3 x 64 x 4 bytes x 4 rows x (64 + 32) positions
