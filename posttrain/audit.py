@@ -38,7 +38,7 @@ class AuditConfig:
 
     command: str | None = opt(None, "Audit for this training command (its defaults and limits); default: by the "
                                     "data's format (pairs: dpo, unpaired: kto, prompt-only: grpo, otherwise sft).",
-                              ("sft", "dpo", "rm", "kto", "grpo", "online-dpo"))
+                              ("sft", "dpo", "rm", "kto", "grpo", "online-dpo", "ppo"))
     pair_similarity: float = opt(0.9, "Chosen and rejected count as near-identical at this normalised token edit "
                                       "similarity (1 - edit distance / longer length) or above.")
     duplicate_similarity: float = opt(0.8, "Prompts count as near-duplicates at this Jaccard similarity of their "
@@ -405,15 +405,18 @@ def pass_rate(report: Report, items: list[Item], raw_rows: list, cfg, tok, acfg:
                                    "max_completion_length": cfg.max_completion_length, "accuracy": round(mean, 4),
                                    "groups_all_wrong": round(none, 4), "groups_all_right": round(every, 4),
                                    "groups_with_signal": round(1 - none - every, 4)}
+    method = {"grpo": "GRPO", "ppo": "PPO", "online-dpo": "online DPO"}[report.command]
     if none >= 0.75:
         report.signals.append("sparse_reward")
+        why = ("zero reward variance, no learning signal" if G > 1 else
+               "almost every reward is 0: a critic or baseline has nothing to tell apart")
         report.warnings.append(
-            f"too hard for GRPO as it is: {cfg.model} solves {mean:.1%} of {G} samples per prompt and {none:.0%} of "
-            f"groups get no correct answer (zero reward variance, no learning signal); start with easier prompts, add "
-            f"a format reward with partial credit, raise num_generations, or first SFT the model")
+            f"too hard for {method} as it is: {cfg.model} solves {mean:.1%} of {G} samples per prompt and {none:.0%} "
+            f"of groups get no correct answer ({why}); start with easier prompts, add a format reward with partial "
+            f"credit, raise num_generations, or first SFT the model")
     elif every >= 0.75:
         report.warnings.append(
-            f"too easy for GRPO: {every:.0%} of groups are all correct ({mean:.1%} of samples); nothing left to learn")
+            f"too easy for {method}: {every:.0%} of groups are all correct ({mean:.1%} of samples); nothing left to learn")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -128,11 +128,23 @@ def test_prompt_only_answers_pass_rate_and_eval_overlap(tmp_path, tiny_model_dir
     assert r["signals"] == ["sparse_reward"]
 
 
+def test_prompt_only_for_ppo(tmp_path, tiny_model_dir, capsys):
+    """command=ppo audits prompt-only data with PPO's own settings: one sample per prompt (its default
+    num_generations) and the warning names PPO."""
+    train = _write(tmp_path / "train.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)])
+    code, r, _ = _audit(capsys, train, "command=ppo", f"model={tiny_model_dir}", "pass_rate_prompts=4",
+                        "max_completion_length=4")
+    assert code == 0 and r["command"] == "ppo" and r["format"] == "prompt_only"
+    q = r["prompts"]["pass_rate"]
+    assert q["prompts"] == 4 and q["generations"] == 1 and q["groups_all_wrong"] == 1.0
+    assert any("too hard for PPO" in w and "nothing to tell apart" in w for w in r["warnings"])
+
+
 def test_audit_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     data = _write(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
     for argv, msg in (([str(tmp_path / "none.jsonl")], "file not found"),
                       ([data, "max_lenght=5"], "did you mean 'max_length'"),
-                      ([data, "command=ppo"], "is not one of"),
+                      ([data, "command=ppx"], "is not one of"),
                       ([data, "pair_similarity=2"], "pair_similarity must be in (0, 1]"),
                       ([data, "command=dpo", f"model={tiny_model_dir}"], "prompt-completion format; posttrain dpo needs preference"),
                       ([], "usage: posttrain audit")):
