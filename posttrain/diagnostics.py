@@ -249,7 +249,8 @@ RULES = [
          _dpo_loss_collapse),
     Rule("dpo_beta_drift",
          {"dpo": {"chosen": "logps/chosen", "rejected": "logps/rejected", "margin": _log_ratio_margin},
-          "kto": {"chosen": "logps/chosen", "rejected": "logps/rejected", "margin": _log_ratio_margin}},
+          "kto": {"chosen": "logps/chosen", "rejected": "logps/rejected", "margin": _log_ratio_margin},
+          "online-dpo": {"chosen": "logps/chosen", "rejected": "logps/rejected", "margin": _log_ratio_margin}},
          "log-probs of chosen and rejected both {drift_drop} nats below their start and falling, or the log-ratio "
          "margin above {drift_margin} nats and growing (over {window} steps)",
          "likelihood displacement / over-optimisation: the loss widens the margin by pushing both answers down, "
@@ -258,16 +259,17 @@ RULES = [
          "which hold the chosen likelihood up.",
          _dpo_beta_drift),
     Rule("grpo_sparse_reward",
-         {"grpo": {"frac": "frac_reward_zero_std"}},
+         # Online DPO: a prompt whose completions all score the same gives no pair.
+         {"grpo": {"frac": "frac_reward_zero_std"}, "online-dpo": {"frac": "frac_prompts_without_pair"}},
          "frac_reward_zero_std > {sparse_reward_frac} for {sparse_reward_steps} consecutive steps",
          "no learning signal: when every completion of a prompt gets the same reward (all wrong or all right), "
-         "its advantages are 0 and the step teaches nothing.",
+         "its advantages are 0 (online DPO: it yields no pair) and the step teaches nothing.",
          "give partial credit (e.g. a format or closeness reward), use easier prompts, turn on dynamic_sampling, "
          "or raise num_generations.",
          _grpo_sparse_reward),
     Rule("kl_blowup",
          {"grpo": {"kl": "kl"}, "ppo": {"kl": _ppo_kl_per_token}, "dpo": {"implicit": _dpo_implicit_kl},
-          "kto": {"implicit": "kl"}},
+          "kto": {"implicit": "kl"}, "online-dpo": {"implicit": _dpo_implicit_kl}},
          "KL > {kl_max} per token or x{kl_growth} within {window} steps (online); mean |log pi/ref| > "
          "{implicit_kl_max} nats per sequence (offline)",
          "the policy is moving away from the reference fast: it is likely exploiting the reward or the loss, "
@@ -277,7 +279,9 @@ RULES = [
     Rule("length_exploit",
          {"grpo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio", "reward": "reward"},
           "ppo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio",
-                  "reward": "objective/scores"}},
+                  "reward": "objective/scores"},
+          "online-dpo": {"length": "completions/mean_length", "clipped": "completions/clipped_ratio",
+                         "reward": "reward"}},
          "clipped ratio >= {clipped_max} and not falling, or mean length >= {length_frac} x max_completion_length "
          "and rising with the reward (over {window} steps)",
          "the policy games length: longer completions are being rewarded, or most of them are cut before they "
@@ -311,7 +315,8 @@ RULES = [
          "start from an instruction-tuned model or run `posttrain sft` first; or give a chat_template.",
          _orpo_without_sft),
     Rule("reward_hacking_format",
-         {"grpo": {"rewards": "rewards/*/mean"}, "ppo": {"rewards": "rewards/*/mean"}},
+         {"grpo": {"rewards": "rewards/*/mean"}, "ppo": {"rewards": "rewards/*/mean"},
+          "online-dpo": {"rewards": "rewards/*/mean"}},
          "a secondary reward at >= {hacking_saturation} of its best while the main (highest-weight) reward "
          "fell {hacking_drop} below its best (over {window} steps)",
          "the policy is satisfying the easy reward (e.g. the format) at the expense of the one that matters.",

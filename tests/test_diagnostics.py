@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from posttrain.algorithms import dpo, grpo, kto, ppo
+from posttrain.algorithms import dpo, grpo, kto, online_dpo, ppo
 from posttrain.config import DiagnosticsConfig
 from posttrain.diagnostics import RULES, Context, Diagnostics, condition_text, steps_per_rollout
 from posttrain.runlog import RunLog
@@ -252,6 +252,41 @@ def test_dpo_beta_drift():
     assert fired("dpo", dpo_cfg(), dpo_rows(**wide), has_eval=True) == {"dpo_beta_drift": 23}
     # Only the rejected side falling is what DPO is meant to do.
     assert fired("dpo", dpo_cfg(), dpo_rows(**{"logps/rejected": down["logps/rejected"]}), has_eval=True) == {}
+
+
+def online_dpo_rows(n=STEPS, **override):
+    """A healthy online DPO run (beta 0.1): the sampled pairs' DPO metrics as dpo_rows, plus the rollout's own
+    (reward rising, a fifth of the prompts without a pair, short completions), as posttrain online-dpo logs them."""
+    rows = dpo_rows(n=n, eval_every=0)
+    for row in rows:
+        s = row["step"]
+        row.update({"reward": 0.2 + 0.01 * s, "rewards/accuracy/mean": 0.2 + 0.01 * s,
+                    "rewards/format/mean": 0.3 + 0.01 * s, "frac_prompts_without_pair": 0.2,
+                    "completions/mean_length": 14.0, "completions/clipped_ratio": 0.05})
+        row.update({k: f(s) for k, f in override.items()})
+    return rows
+
+
+def test_online_dpo_joins_the_rules_it_logs_for():
+    """Online DPO logs DPO's pair metrics and the rollout's: the DPO rules and the online ones read them."""
+    cfg = online_dpo.Config(max_completion_length=16, reward_weights=[1.0, 0.2])
+    cfg.validate()
+    rules = {r.name for r in Diagnostics(Context("online-dpo", cfg)).rules}
+    assert rules == {"dpo_beta_drift", "grpo_sparse_reward", "kl_blowup", "length_exploit", "reward_hacking_format"}
+    assert fired("online-dpo", cfg, online_dpo_rows()) == {}
+    # No pair for 95% of the prompts, steps 3..7: the sparse-reward rule (five steps above 0.9).
+    rows = online_dpo_rows(frac_prompts_without_pair=lambda s: 0.95 if s >= 3 else 0.2)
+    assert fired("online-dpo", cfg, rows) == {"grpo_sparse_reward": 7}
+    # Completions cut at the 16-token limit: the first full window.
+    rows = online_dpo_rows(**{"completions/clipped_ratio": lambda s: 0.7})
+    assert fired("online-dpo", cfg, rows) == {"length_exploit": 10}
+    # Both log-probs falling as in test_dpo_beta_drift: the same step.
+    down = {"logps/chosen": lambda s: -50 - 0.5 * s, "logps/rejected": lambda s: -55 - 0.8 * s}
+    assert fired("online-dpo", cfg, online_dpo_rows(**down)) == {"dpo_beta_drift": 16}
+    # The format reward saturating while accuracy falls, as in test_reward_hacking_format.
+    acc = {"rewards/accuracy/mean": lambda s: 0.2 + 0.02 * s if s <= 15 else 0.5 - 0.02 * (s - 15),
+           "rewards/format/mean": lambda s: min(1.0, 0.3 + 0.05 * s)}
+    assert fired("online-dpo", cfg, online_dpo_rows(**acc)) == {"reward_hacking_format": 24}
 
 
 # ------------------------------------------------------------------------------------------- RunLog
