@@ -6,7 +6,7 @@
     python benchmarks/learning.py ROW --part before --resume
     python benchmarks/learning.py ROW --part train --seeds 1 --resume     # one job per seed
     python benchmarks/learning.py ROW --part train --seeds 2 --resume
-    python benchmarks/learning.py ROW --seeds 1,2 --resume                # reuses every finished step
+    python benchmarks/learning.py ROW --seeds 1,2 --part report           # runs nothing: assembles the table line
 
 Rows (recipes in examples/; SmolLM2-135M-Instruct, float32, this CPU):
 
@@ -100,8 +100,8 @@ class Runner:
         """`posttrain COMMAND ARGS` in its own process; stops the benchmark when it fails. With `resume`, a step
         that already finished with the same command is not run again: its recorded cost is reused."""
         record = out_dir.parent / f"{out_dir.name}.step.json"
-        if self.resume and record.exists():
-            old = json.loads(record.read_text())
+        old = json.loads(record.read_text()) if (self.resume or self.part == "report") and record.exists() else None
+        if old is not None:
             if old["argv"] == ["posttrain", command, *args]:
                 step = Step(**{k: old[k] for k in Step.__dataclass_fields__})
                 step.name = name
@@ -109,6 +109,9 @@ class Runner:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: reused ({_minutes(step.wall_s)} wall, "
                       f"{_minutes(step.cpu_s)} CPU, peak RSS {step.peak_rss_gb:.2f} GB)", flush=True)
                 return step
+        if self.part == "report":
+            raise SystemExit(f"{name}: no finished step with this command in {out_dir.parent} (--part report runs "
+                             "nothing); run its part first")
         if out_dir.exists():  # a step folder of this benchmark's own, from an older or failed run: run it afresh
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
@@ -231,7 +234,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
     the row's 'after'."""
     limit = 8 if quick else r.eval_samples  # the first `limit` test problems (all when None)
     base = r.work / "before"
-    if r.part != "train":
+    if r.part != "train":  # (report: reuses it)
         r.run("before", "eval", _eval_args(r.model, eval_data, eval_extra, base, limit), base)
     if r.part == "before":
         return None
@@ -370,9 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the starting model (tests pass a tiny one)")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every command (1 is much faster on a CPU shared with other jobs)")
-    ap.add_argument("--part", choices=["all", "before", "train"], default="all",
+    ap.add_argument("--part", choices=["all", "before", "train", "report"], default="all",
                     help="before: only the before-eval; train: only the given seeds' training and evals (no "
-                         "report); all: everything, then the report")
+                         "report); all: everything, then the report; report: the report from finished steps only")
     ap.add_argument("--resume", action="store_true",
                     help="reuse every step already finished with the same command (NAME.step.json in --work)")
     ap.add_argument("--eval-samples", type=int, default=None,
@@ -389,7 +392,7 @@ def main(argv=None) -> int:
     runner.eval_samples, runner.final_eval_only = args.eval_samples, args.final_eval_only
     started = datetime.date.today().isoformat()
     res = ROWS[args.row](runner, Path(args.data), seeds, args.quick)
-    if args.part != "all":
+    if args.part in ("before", "train"):
         print(f"part {args.part} of row {args.row} done: {len(runner.steps)} step(s) in {work}")
         return 0
     train = [s for s in runner.steps if not s.name.startswith(("before", "eval"))]

@@ -71,7 +71,7 @@ def test_arith_row_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, capsys
 
 @pytest.mark.slow
 def test_row_in_parts_then_assembled_reuses_every_step(tmp_path, tiny_model_dir, capsys):
-    """--part before, then --part train per seed (separate queue jobs), then the report with --resume: the report
+    """--part before, then --part train per seed (separate queue jobs), then --part report: the report
     runs nothing again (every step is 'reused' with its recorded cost) and holds both seeds; a step whose command
     changed (another model) is not reused."""
     L = load_learning()
@@ -83,7 +83,11 @@ def test_row_in_parts_then_assembled_reuses_every_step(tmp_path, tiny_model_dir,
     assert (tmp_path / "work" / "seed2" / "grpo.step.json").exists()
     capsys.readouterr()
     out = tmp_path / "rows.jsonl"
-    assert L.main([*common, "--seeds", "1,2", "--json", str(out)]) == 0
+    with pytest.raises(SystemExit, match=r"grpo \(seed 3\): no finished step"):  # --part report runs nothing
+        L.main([*common, "--seeds", "1,3", "--part", "report"])
+    assert not (tmp_path / "work" / "seed3").exists()
+    capsys.readouterr()
+    assert L.main([*common, "--seeds", "1,2", "--part", "report", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count(": reused (") == 5 and ": posttrain " not in printed
     record = json.loads(out.read_text())
