@@ -554,8 +554,8 @@ def child_main(kind: str, spec_json: str) -> None:
 
 
 class Runner:
-    def __init__(self, workdir: Path, verbose: bool):
-        self.workdir, self.verbose, self.n = workdir, verbose, 0
+    def __init__(self, workdir: Path, verbose: bool, on_result=None):
+        self.workdir, self.verbose, self.n, self.on_result = workdir, verbose, 0, on_result
 
     def child(self, kind: str, label: str, **spec) -> dict | None:
         """Run one child; its output goes to a log file (shown on failure). None when it failed."""
@@ -586,6 +586,8 @@ class Runner:
         print(f" {took:.0f} s", file=sys.stderr)
         if self.verbose:
             print(log.read_text(), file=sys.stderr)
+        if self.on_result:
+            self.on_result()
         return result
 
 
@@ -708,12 +710,11 @@ def bench_dpo_shape(runner, args, have_trl, model_path, results, shape, mm, coun
         precompute, lora, bf16 = DPO_CONFIGS[name]
         spec = {"model": MODEL, "model_path": model_path, "data": str(data), "order": order, "steps": steps,
                 "max_length": max_length, "precompute": precompute, "lora": lora, "bf16": bf16}
-        res = {}
+        res = results[f"dpo_{shape}_{name}"] = {}  # filled in place: saved after each child
         if args.side != "trl":
             res["posttrain"] = runner.child("dpo_posttrain", f"dpo {shape} {name}: posttrain", **spec)
         if have_trl:
             res["trl"] = runner.child("dpo_trl", f"dpo {shape} {name}: TRL", **spec)
-        results[f"dpo_{shape}_{name}"] = res
         fpt, formula = dpo_flops_per_token(name, counts) if counts else (None, "")
         formulas.append(f"{name}: {formula}")
         static = gb(static_memory(name, counts) + (base["peak_rss"] if base else 0)) if counts else "-"
@@ -785,12 +786,11 @@ def bench_grpo(runner: Runner, args, have_trl: bool, model_path: str, results: d
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"model": MODEL, "model_path": model_path, "data": str(data), "steps": steps, "prompts": prompts, "G": G,
             "max_new": max_new, "micro": micro, "vocab": 49152}
-    res = {}
+    res = results["grpo"] = {}
     if args.side != "trl":
         res["posttrain"] = runner.child("grpo_posttrain", "grpo: posttrain", **spec)
     if have_trl:
         res["trl"] = runner.child("grpo_trl", "grpo: TRL", **spec)
-    results["grpo"] = res
     table, summary = [], {}
     for side in ("posttrain", "trl"):
         r = res.get(side)
@@ -870,8 +870,9 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
         spec = {"model": MODEL, "model_path": model_path, "data": str(data), "order": order, "steps": steps,
                 "max_length": max_length, "precompute": False, "lora": False, "bf16": False, "profile": True,
                 "vocab": vocab}
-        res = {side: runner.child(f"dpo_{side}", f"scaling dpo {max_length}: {side}", **spec) for side in sides}
-        results[f"scaling_dpo_{max_length}"] = res
+        res = results[f"scaling_dpo_{max_length}"] = {}
+        for side in sides:
+            res[side] = runner.child(f"dpo_{side}", f"scaling dpo {max_length}: {side}", **spec)
         row, speed = [str(max_length)], {}
         for side in ("posttrain", "trl"):
             r = res.get(side)
@@ -897,7 +898,8 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
               "torch.profiler self CPU time of aten ops; TRL: forward + backward only, posttrain: the whole step incl. "
               "the optimizer)")]
     notes += [growth_note(side, xs[side], rss[side], "tokens/step") for side in sides]
-    print_table("Scaling: DPO tokens/s and peak RSS against max_length", header, table, notes)
+    if args.sizes:
+        print_table("Scaling: DPO tokens/s and peak RSS against max_length", header, table, notes)
 
     from posttrain.data.tasks import arithmetic_rows
 
@@ -909,8 +911,9 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
     for G in args.groups:
         spec = {"model": MODEL, "model_path": model_path, "data": str(data), "steps": steps, "prompts": prompts, "G": G,
                 "max_new": max_new, "micro": min(micro, prompts * G), "profile": True, "vocab": vocab}
-        res = {side: runner.child(f"grpo_{side}", f"scaling grpo G={G}: {side}", **spec) for side in sides}
-        results[f"scaling_grpo_{G}"] = res
+        res = results[f"scaling_grpo_{G}"] = {}
+        for side in sides:
+            res[side] = runner.child(f"grpo_{side}", f"scaling grpo G={G}: {side}", **spec)
         row, step = [str(G)], {}
         for side in ("posttrain", "trl"):
             r = res.get(side)
@@ -933,7 +936,8 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
               f"completions per micro-batch) at each G; {steps} steps (median after {warmup}); top components as "
               "above, over the rollout and the training of the profiled step")]
     notes += [growth_note(side, xs[side], rss[side], "completions") for side in sides]
-    print_table("Scaling: GRPO step time and peak RSS against G", header, table, notes)
+    if args.groups:
+        print_table("Scaling: GRPO step time and peak RSS against G", header, table, notes)
 
 
 def bench_logprobs(runner: Runner, args, results: dict) -> None:
@@ -1005,8 +1009,9 @@ def main() -> None:
     if set(args.shapes) - set(SHAPES):
         p.error(f"--shapes: unknown {sorted(set(args.shapes) - set(SHAPES))}; choose from {', '.join(SHAPES)}")
     try:
-        args.sizes = [int(x) for x in args.sizes.split(",")]
-        args.groups = [int(x) for x in args.groups.split(",")]
+        # Empty skips that half of `scaling`, so its DPO sizes and GRPO groups can run as separate jobs.
+        args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        args.groups = [int(x) for x in args.groups.split(",") if x.strip()]
     except ValueError:
         p.error("--sizes and --groups take comma-separated integers")
     if args.quick and args.part == "scaling":
@@ -1037,8 +1042,13 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{' (QUICK smoke run: numbers mean nothing)' if args.quick else ''}")
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}}
     t0 = time.perf_counter()
+    def save() -> None:
+        # Rewritten after every child, so a run stopped halfway (a time limit, a crash) keeps what it measured.
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp:
-        runner = Runner(Path(tmp), args.verbose)
+        runner = Runner(Path(tmp), args.verbose, on_result=save)
         if args.part in ("dpo", "all"):
             bench_dpo(runner, args, have_trl, model_path, results)
         if args.part in ("grpo", "all"):
@@ -1049,9 +1059,8 @@ def main() -> None:
             bench_generate(runner, args, results)
         if args.part == "scaling":
             bench_scaling(runner, args, have_trl, model_path, results)
+    save()
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
