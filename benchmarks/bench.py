@@ -559,6 +559,8 @@ class Runner:
 
     def child(self, kind: str, label: str, **spec) -> dict | None:
         """Run one child; its output goes to a log file (shown on failure). None when it failed."""
+        if self.on_result:  # here, not after the child: by now the caller has stored the previous child's result
+            self.on_result()
         self.n += 1
         run_dir = self.workdir / f"{self.n:02d}-{kind}"
         run_dir.mkdir()
@@ -586,8 +588,6 @@ class Runner:
         print(f" {took:.0f} s", file=sys.stderr)
         if self.verbose:
             print(log.read_text(), file=sys.stderr)
-        if self.on_result:
-            self.on_result()
         return result
 
 
@@ -710,7 +710,7 @@ def bench_dpo_shape(runner, args, have_trl, model_path, results, shape, mm, coun
         precompute, lora, bf16 = DPO_CONFIGS[name]
         spec = {"model": MODEL, "model_path": model_path, "data": str(data), "order": order, "steps": steps,
                 "max_length": max_length, "precompute": precompute, "lora": lora, "bf16": bf16}
-        res = results[f"dpo_{shape}_{name}"] = {}  # filled in place: saved after each child
+        res = results[f"dpo_{shape}_{name}"] = {}  # filled in place, so each result is saved before the next child
         if args.side != "trl":
             res["posttrain"] = runner.child("dpo_posttrain", f"dpo {shape} {name}: posttrain", **spec)
         if have_trl:
@@ -1043,7 +1043,8 @@ def main() -> None:
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}}
     t0 = time.perf_counter()
     def save() -> None:
-        # Rewritten after every child, so a run stopped halfway (a time limit, a crash) keeps what it measured.
+        # Rewritten before every child and at the end, so a run stopped halfway (a time limit, a crash) keeps
+        # every result measured before the child it was stopped in.
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
 
