@@ -307,6 +307,8 @@ def row_gsm8k(r: Runner, data: Path, seeds: list[int], quick: bool) -> RowResult
     res = greedy_rl_row(r, "gsm8k", "gsm8k_train -> gsm8k_test ({n}), greedy", 0.0, seeds, quick,
                         eval_data=str(data / "gsm8k_test.jsonl"), eval_extra=["max_completion_length=256"],
                         stages=stages)
+    if res is None:  # --part before
+        return None
     # The target is a gain beyond 2 paired standard errors over the base model.
     res.target = "gain > 2 SE"
     res.met = all(res.details[f"seed{s}"]["grpo"]["gain"] > 2 * res.details[f"seed{s}"]["grpo"]["gain_se"]
