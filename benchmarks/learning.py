@@ -94,6 +94,7 @@ class Runner:
         self.resume, self.part = resume, part
         self.eval_samples: int | None = None
         self.final_eval_only = False
+        self.overrides: list[str] = []  # --set: KEY=VALUE for the row's last training stage (a variant)
         self.steps: list[Step] = []
 
     def run(self, name: str, command: str, args: list[str], out_dir: Path) -> Step:
@@ -246,6 +247,8 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
         if column and data_file:
             res.details["before"]["by_" + column] = by_column(before["scores"], data_file, column,
                                                               limit)
+    if r.overrides:  # a variant: only the last stage changes (the RL step after a warm-up)
+        stages = [*stages[:-1], (stages[-1][0], stages[-1][1], [*stages[-1][2], *r.overrides])]
     for seed in seeds:
         model, seed_details, train_wall, train_cpu, rss = r.model, {}, 0.0, 0.0, 0.0
         for stage, command, args in stages:
@@ -329,7 +332,7 @@ def pair_row(r: Runner, name: str, command: str, config: str, data: Path, seeds:
         step = r.run(f"{command} (seed {seed})", command,
                      ["--config", str(EXAMPLES / config), f"model={r.model}", f"dataset={data / 'hh_helpful_train.jsonl'}",
                       f"eval_dataset={data / 'hh_helpful_test.jsonl'}", f"seed={seed}", f"output_dir={run_dir}",
-                      "progress=false", *extra], run_dir)
+                      "progress=false", *extra, *r.overrides], run_dir)
         m = last_metrics(run_dir)
         acc = m[metric]
         n = 8 if quick else 300
@@ -386,12 +389,18 @@ def main(argv=None) -> int:
                     help="multi-stage rows: evaluate only after the last stage (GSM8K's evaluations are long)")
     ap.add_argument("--quick", action="store_true", help="a few examples per step: checks the pipeline only")
     ap.add_argument("--json", default=None, help="append the row's result (with every step) to this JSON lines file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a variant of the row: appended to its last training command (repeatable); give it its own "
+                         "--work (a copy of the default's before* reuses the base evaluation with --resume)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.set):
+        ap.error(f"--set takes KEY=VALUE, got {next(kv for kv in args.set if '=' not in kv)!r}")
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work or ROOT / "runs" / "learning" / args.row)
     runner = Runner(work, args.model, args.threads, args.verbose, args.resume, args.part)
     runner.eval_samples, runner.final_eval_only = args.eval_samples, args.final_eval_only
+    runner.overrides = list(args.set)
     started = datetime.date.today().isoformat()
     res = ROWS[args.row](runner, Path(args.data), seeds, args.quick)
     if args.part in ("before", "train"):
@@ -402,6 +411,8 @@ def main(argv=None) -> int:
     cpu = sum(s.cpu_s for s in train) / len(seeds)
     rss = max(s.peak_rss_gb for s in runner.steps)
     load = sum(s.load for s in runner.steps) / len(runner.steps)
+    if args.set:
+        res.row = f"{res.row} ({' '.join(args.set)})"
     line = (f"| {res.row} | {res.task} | {res.before} | {'; '.join(res.after)} | {res.target} | "
             f"{'met' if res.met else 'NOT met'} | {_minutes(wall)} ({_minutes(cpu)} CPU) | {rss:.1f} GB | "
             f"{started} | `{commit()}` | {load:.1f} |")

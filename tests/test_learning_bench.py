@@ -136,3 +136,24 @@ def test_final_eval_only_skips_the_warm_up_eval(tmp_path, tiny_model_dir):
     sft = record["details"]["seed1"]["sft"]
     assert "accuracy" not in sft and sft["steps"] == 2 and sft["wall_s"] > 0
     assert record["details"]["seed1"]["grpo"]["accuracy"] == 0.0
+
+
+@pytest.mark.slow
+def test_set_makes_a_variant_of_the_last_training_stage(tmp_path, tiny_model_dir, capsys):
+    """--set KEY=VALUE reaches the row's training command (and the run's saved config), not its evaluations,
+    and the table line names the variant; a malformed --set is refused before anything runs."""
+    L = load_learning()
+    out = tmp_path / "rows.jsonl"
+    assert L.main(["main", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+                   "--set", "curriculum=pass_rate", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    by_name = {s["name"]: s for s in record["steps"]}
+    assert "curriculum=pass_rate" in by_name["grpo (seed 1)"]["argv"]
+    assert not any("curriculum" in a for s in record["steps"] if s["name"] != "grpo (seed 1)" for a in s["argv"])
+    assert record["line"].startswith("| main (curriculum=pass_rate) |")
+    run_dir = tmp_path / "work" / "seed1" / "grpo"
+    saved = (run_dir / "config.yaml").read_text()
+    assert "curriculum: pass_rate" in saved
+    with pytest.raises(SystemExit):
+        L.main(["main", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "w2"), "--set", "oops"])
+    assert not (tmp_path / "w2").exists()
