@@ -97,6 +97,11 @@ class Runner:
         self.overrides: list[str] = []  # --set: KEY=VALUE for the row's last training stage (a variant)
         self.steps: list[Step] = []
 
+    def seed_dir(self, seed: int) -> Path:
+        """A seed's run folders; a variant's sit beside the plain row's, sharing its before-evaluation."""
+        variant = "".join(f"_{re.sub(r'[^A-Za-z0-9._=-]+', '-', kv)}" for kv in self.overrides)
+        return self.work / f"seed{seed}{variant}"
+
     def run(self, name: str, command: str, args: list[str], out_dir: Path) -> Step:
         """`posttrain COMMAND ARGS` in its own process; stops the benchmark when it fails. With `resume`, a step
         that already finished with the same command is not run again: its recorded cost is reused."""
@@ -252,7 +257,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
     for seed in seeds:
         model, seed_details, train_wall, train_cpu, rss = r.model, {}, 0.0, 0.0, 0.0
         for stage, command, args in stages:
-            run_dir = r.work / f"seed{seed}" / stage
+            run_dir = r.seed_dir(seed) / stage
             extra = ["max_steps=2", "max_samples=16"] if quick else []
             step = r.run(f"{stage} (seed {seed})", command,
                          [*args, f"model={model}", f"seed={seed}", f"output_dir={run_dir}", "progress=false", *extra],
@@ -265,7 +270,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
                 seed_details[stage] = {"wall_s": step.wall_s, "cpu_s": step.cpu_s, "peak_rss_gb": step.peak_rss_gb,
                                        "load": step.load, "steps": last_metrics(run_dir)["_steps"]}
                 continue
-            ev_dir = r.work / f"seed{seed}" / f"eval-{stage}"
+            ev_dir = r.seed_dir(seed) / f"eval-{stage}"
             r.run(f"eval after {stage} (seed {seed})", "eval", _eval_args(model, eval_data, eval_extra, ev_dir, limit),
                   ev_dir)
             ev = eval_result(ev_dir)
@@ -327,7 +332,7 @@ def pair_row(r: Runner, name: str, command: str, config: str, data: Path, seeds:
     res = RowResult(name, f"{command} on hh_helpful_train -> hh_helpful_test (300 pairs)", f">= {pct(target)}",
                     "", [], True)
     for seed in seeds:
-        run_dir = r.work / f"seed{seed}" / command
+        run_dir = r.seed_dir(seed) / command
         extra = ["max_steps=2", "max_samples=8", "eval_max_samples=8"] if quick else []
         step = r.run(f"{command} (seed {seed})", command,
                      ["--config", str(EXAMPLES / config), f"model={r.model}", f"dataset={data / 'hh_helpful_train.jsonl'}",
@@ -390,8 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few examples per step: checks the pipeline only")
     ap.add_argument("--json", default=None, help="append the row's result (with every step) to this JSON lines file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a variant of the row: appended to its last training command (repeatable); give it its own "
-                         "--work (a copy of the default's before* reuses the base evaluation with --resume)")
+                    help="a variant of the row: appended to its last training command (repeatable); its runs go to "
+                         "seedN_KEY=VALUE next to the plain row's, and it shares the row's before-evaluation")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if any("=" not in kv for kv in args.set):

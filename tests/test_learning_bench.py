@@ -149,11 +149,18 @@ def test_set_makes_a_variant_of_the_last_training_stage(tmp_path, tiny_model_dir
     record = json.loads(out.read_text())
     by_name = {s["name"]: s for s in record["steps"]}
     assert "curriculum=pass_rate" in by_name["grpo (seed 1)"]["argv"]
-    assert not any("curriculum" in a for s in record["steps"] if s["name"] != "grpo (seed 1)" for a in s["argv"])
+    assert not any("curriculum=pass_rate" in s["argv"] for s in record["steps"] if s["name"] != "grpo (seed 1)")
     assert record["line"].startswith("| main (curriculum=pass_rate) |")
-    run_dir = tmp_path / "work" / "seed1" / "grpo"
+    run_dir = tmp_path / "work" / "seed1_curriculum=pass_rate" / "grpo"  # beside the plain row's seed1
     saved = (run_dir / "config.yaml").read_text()
     assert "curriculum: pass_rate" in saved
     with pytest.raises(SystemExit):
         L.main(["main", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "w2"), "--set", "oops"])
     assert not (tmp_path / "w2").exists()
+    # the plain row in the same folder reuses the variant's before-evaluation and trains apart from it
+    capsys.readouterr()
+    assert L.main(["main", "--quick", "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+                   "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "before: reused (" in printed and (tmp_path / "work" / "seed1" / "grpo" / "config.yaml").exists()
+    assert "curriculum: pass_rate" not in (tmp_path / "work" / "seed1" / "grpo" / "config.yaml").read_text()
