@@ -25,7 +25,6 @@ per-token reward, PPO's and REINFORCE++'s), with Ziegler et al.'s adaptive coeff
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -908,18 +907,38 @@ def load_rewards(cfg: RolloutOptions, train) -> Iterator[tuple[list[str], list]]
                 fn.close()
 
 
-def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
+@dataclass
+class OnlineSetup:
+    """What every online trainer builds the same way before its own reference rule and algorithm."""
+
+    names: list[str]
+    funcs: list
+    tok: object
+    model: torch.nn.Module
+    prompts: list
+    eval_prompts: list | None
+    sync: Sync | None
+
+
+@contextmanager
+def online_setup(cfg) -> Iterator[OnlineSetup]:
+    """Data, reward functions (closed when the block ends), model, rendered prompts and the TR-DPO sync rule."""
     train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
     with load_rewards(cfg, train) as (names, funcs):
         tok, model = prepare_model(cfg)
         prompts = prompt_examples(train, tok, cfg)
         eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
         sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
-        reference = build(model, needed=cfg.beta > 0 or cfg.kl_coef > 0, sync=sync)
-        critic = build_critic(cfg, model)  # after the reference: a frozen copy of the policy must not copy the critic
-        algo = algorithm(cfg, tok, funcs, prompts, reference, critic=critic)
+        yield OnlineSetup(names, funcs, tok, model, prompts, eval_prompts, sync)
+
+
+def run(cfg: OnlineConfig, algorithm: type[OnlineRL] = OnlineRL):
+    with online_setup(cfg) as s:
+        reference = build(s.model, needed=cfg.beta > 0 or cfg.kl_coef > 0, sync=s.sync)
+        critic = build_critic(cfg, s.model)  # after the reference: a frozen copy of the policy must not copy the critic
+        algo = algorithm(cfg, s.tok, s.funcs, s.prompts, reference, critic=critic)
         if is_main():
-            log.info(f"{cfg.command}: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
+            log.info(f"{cfg.command}: {len(s.prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(s.names)}, "
                      f"advantages {cfg.advantage_estimator}, critic {critic.kind}, reference {reference.strategy}, "
                      f"loss {cfg.loss_type}, beta {cfg.beta}, kl_coef {cfg.kl_coef}")
-        return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()
+        return Engine(cfg, s.model, s.tok, algo, s.prompts, s.eval_prompts).train()

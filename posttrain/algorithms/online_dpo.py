@@ -7,7 +7,7 @@ scores them with the reward functions or a reward model, and trains the DPO-fami
 completion (chosen) against its worst (rejected).
 
 Built from the shared steps, not copies: sampling, scoring and dynamic sampling are the online-RL algorithm's
-(`posttrain.rollout.groups`: `generate_and_score`, `collect`), and so are the reward functions (`load_rewards`),
+(`posttrain.rollout.groups`: `generate_and_score`, `collect`), and so are the reward functions and the setup (`online_setup`),
 the scores they sum to (`sequence_scores`, with `missing_eos_penalty`) and the generation eval; the loss, its
 metrics and the reference are the `dpo` command's (`DPO` with `posttrain.reference`), on pairs built from the
 samples. The config mixes the online `RolloutOptions` with DPO's `PreferenceOptions`.
@@ -28,15 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algorithms.dpo import DPO, Pair, PreferenceOptions
-from posttrain.algorithms.online import DEFAULT_DATASET, RolloutOptions, evaluate_online, load_rewards
+from posttrain.algorithms.online import RolloutOptions, evaluate_online, online_setup
 from posttrain.config import TrainConfig, UserError, opt
-from posttrain.data import load_train_eval
 from posttrain.data.tokenize import Encoded
 from posttrain.engine import Algorithm, Engine, Max, Mean, Prepared, Sum
 from posttrain.losses.advantages import sequence_scores
-from posttrain.models import prepare_model
 from posttrain.parallel import is_main
-from posttrain.reference import Reference, Sync, build
+from posttrain.reference import Reference, build
 from posttrain.rollout.generate import HFEngine
 from posttrain.rollout.groups import (
     PromptExample,
@@ -44,7 +42,6 @@ from posttrain.rollout.groups import (
     collect,
     draw_prompts,
     generate_and_score,
-    prompt_examples,
 )
 
 log = logging.getLogger("posttrain")
@@ -229,16 +226,11 @@ class OnlineDPO(Algorithm):
 
 
 def run(cfg: Config):
-    train, evald = load_train_eval(cfg, "prompt", DEFAULT_DATASET)
-    with load_rewards(cfg, train) as (names, funcs):
-        tok, model = prepare_model(cfg)
-        prompts = prompt_examples(train, tok, cfg)
-        eval_prompts = prompt_examples(evald, tok, cfg) if evald else None
-        sync = Sync(cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha) if cfg.sync_ref_model else None
-        reference = build(model, needed=not cfg.reference_free(), path=cfg.ref_model, model_path=cfg.model,
-                          sync=sync, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-        algo = OnlineDPO(cfg, tok, funcs, prompts, reference)
+    with online_setup(cfg) as s:
+        reference = build(s.model, needed=not cfg.reference_free(), path=cfg.ref_model, model_path=cfg.model,
+                          sync=s.sync, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+        algo = OnlineDPO(cfg, s.tok, s.funcs, s.prompts, reference)
         if is_main():
-            log.info(f"online-dpo: {len(prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(names)}, "
+            log.info(f"online-dpo: {len(s.prompts)} prompts, G={cfg.num_generations}, rewards {', '.join(s.names)}, "
                      f"loss {'+'.join(cfg.loss_type)}, beta {cfg.beta}, reference: {reference.strategy}")
-        return Engine(cfg, model, tok, algo, prompts, eval_prompts).train()
+        return Engine(cfg, s.model, s.tok, algo, s.prompts, s.eval_prompts).train()
