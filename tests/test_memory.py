@@ -94,9 +94,10 @@ def test_embedded_preset_matches_the_converted_model():
 # ------------------------------------------------------------------------------------------- activations
 
 
-def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
-    """Bytes autograd keeps for one middle decoder layer of a tiny Llama, per token (weights, the rotary tables
-    and transformers' float32 mask, which every layer shares, left out)."""
+def _layer_capture(tokenizer, t: Training):
+    """A tiny 3-layer Llama set up as `t` says (dtype, LoRA targets, lean MLP), the model to run (its PEFT wrapper
+    when LoRA), the base model, and a saved-tensor pack hook that records every tensor autograd keeps while the
+    middle layer runs (storage -> (bytes, shape, dtype)), the model's own parameters and buffers left out."""
     from posttrain.models import apply_lora, lean_mlp
     from posttrain.testing import tiny_model
 
@@ -113,10 +114,18 @@ def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
     layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
 
     def pack(x):
-        s = x.untyped_storage()
-        if inside[0] and s.data_ptr() not in own:
-            seen[s.data_ptr()] = (s.nbytes(), tuple(x.shape), x.dtype)
+        st = x.untyped_storage()
+        if inside[0] and st.data_ptr() not in own:
+            seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
         return x
+
+    return model, base, pack, seen
+
+
+def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
+    """Bytes autograd keeps for one middle decoder layer of a tiny Llama, per token (weights, the rotary tables
+    and transformers' float32 mask, which every layer shares, left out)."""
+    _, base, pack, seen = _layer_capture(tokenizer, t)
 
     ids = torch.randint(3, 300, (B, T))
     attn = torch.ones(B, T, dtype=torch.long)
@@ -163,26 +172,8 @@ def _saved_bytes_of_unit_layout(tokenizer, t: Training, prompts=(12, 20), comple
     completions each, packed into one row of units (weights, rotary tables and the cached boolean masks, which
     every layer shares, left out)."""
     from posttrain.logprobs import shared_prefix_token_logps
-    from posttrain.models import apply_lora, lean_mlp
-    from posttrain.testing import tiny_model
 
-    torch.manual_seed(0)
-    model = tiny_model(tokenizer, hidden_size=64, num_layers=3).to(torch.float32 if t.weight_bytes == 4 else torch.bfloat16)
-    if t.lora_targets:
-        model = apply_lora(model, LoraConfig(r=t.lora_r, target_modules=list(t.lora_targets)))
-    if t.lean_mlp:
-        lean_mlp(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    own = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
-    layer, inside, seen = base.model.layers[1], [False], {}
-    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
-
-    def pack(x):
-        st = x.untyped_storage()
-        if inside[0] and st.data_ptr() not in own:
-            seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
-        return x
+    model, _, pack, seen = _layer_capture(tokenizer, t)
 
     lengths = [c for cs in completions for c in cs]
     ids = torch.randint(3, 300, (4, max(lengths)))
