@@ -256,8 +256,10 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
         stages = [*stages[:-1], (stages[-1][0], stages[-1][1], [*stages[-1][2], *r.overrides])]
     for seed in seeds:
         model, seed_details, train_wall, train_cpu, rss = r.model, {}, 0.0, 0.0, 0.0
-        for stage, command, args in stages:
-            run_dir = r.seed_dir(seed) / stage
+        for i, (stage, command, args) in enumerate(stages):
+            # a variant changes only the last stage: the warm-up before it is the plain row's, run once
+            folder = r.seed_dir(seed) if i == len(stages) - 1 else r.work / f"seed{seed}"
+            run_dir = folder / stage
             extra = ["max_steps=2", "max_samples=16"] if quick else []
             step = r.run(f"{stage} (seed {seed})", command,
                          [*args, f"model={model}", f"seed={seed}", f"output_dir={run_dir}", "progress=false", *extra],
@@ -270,7 +272,7 @@ def greedy_rl_row(r: Runner, name: str, task: str, target: float, seeds: list[in
                 seed_details[stage] = {"wall_s": step.wall_s, "cpu_s": step.cpu_s, "peak_rss_gb": step.peak_rss_gb,
                                        "load": step.load, "steps": last_metrics(run_dir)["_steps"]}
                 continue
-            ev_dir = r.seed_dir(seed) / f"eval-{stage}"
+            ev_dir = folder / f"eval-{stage}"
             r.run(f"eval after {stage} (seed {seed})", "eval", _eval_args(model, eval_data, eval_extra, ev_dir, limit),
                   ev_dir)
             ev = eval_result(ev_dir)
@@ -395,8 +397,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few examples per step: checks the pipeline only")
     ap.add_argument("--json", default=None, help="append the row's result (with every step) to this JSON lines file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a variant of the row: appended to its last training command (repeatable); its runs go to "
-                         "seedN_KEY=VALUE next to the plain row's, and it shares the row's before-evaluation")
+                    help="a variant of the row: appended to its last training command (repeatable); its last stage "
+                         "runs in seedN_KEY=VALUE next to the plain row's seedN, whose before-evaluation and warm-up "
+                         "stages it shares (reused with --resume)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if any("=" not in kv for kv in args.set):

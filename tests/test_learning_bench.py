@@ -164,3 +164,23 @@ def test_set_makes_a_variant_of_the_last_training_stage(tmp_path, tiny_model_dir
     printed = capsys.readouterr().out
     assert "before: reused (" in printed and (tmp_path / "work" / "seed1" / "grpo" / "config.yaml").exists()
     assert "curriculum: pass_rate" not in (tmp_path / "work" / "seed1" / "grpo" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_a_variant_of_a_two_stage_row_reuses_the_warm_up(tmp_path, tiny_model_dir, capsys):
+    """arith with --set: the SFT warm-up is the plain row's (reused, not run again); only GRPO runs anew, from
+    that warm-up's model, in its own folder."""
+    L = load_learning()
+    common = ["arith", "--quick", "--final-eval-only", "--resume", "--model", str(tiny_model_dir), "--work",
+              str(tmp_path / "work"), "--data", str(SHARED_DATA)]
+    assert L.main(common) == 0
+    capsys.readouterr()
+    out = tmp_path / "rows.jsonl"
+    assert L.main([*common, "--set", "learning_rate=1e-6", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "before: reused (" in printed and "sft (seed 1): reused (" in printed
+    assert "grpo (seed 1): posttrain grpo" in printed
+    grpo = next(s for s in json.loads(out.read_text())["steps"] if s["name"] == "grpo (seed 1)")
+    assert f"model={tmp_path / 'work' / 'seed1' / 'sft'}" in grpo["argv"]
+    assert f"output_dir={tmp_path / 'work' / 'seed1_learning_rate=1e-6' / 'grpo'}" in grpo["argv"]
