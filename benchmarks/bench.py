@@ -260,6 +260,12 @@ def child_dpo_trl(spec: dict) -> dict:
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if prof and self.state.global_step == spec["steps"]:  # the extra, profiled step
+                # the timed steps are done: report them now, so a profiled step that runs out of memory (TRL at
+                # max_length 2048 here) loses only the profile
+                n = spec["steps"]
+                losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+                emit_result({"step_seconds": timer.times[:n], "tokens": tokens[:n], "loss": losses[:n], **extra,
+                             "peak_rss": peak_rss_bytes(), "partial": "before the profiled step"})
                 return prof.run(super().training_step, model, inputs, num_items_in_batch)
             pending[0] += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, num_items_in_batch)
@@ -546,6 +552,11 @@ def child_main(kind: str, spec_json: str) -> None:
     result = CHILDREN[kind](spec)
     result["wall_seconds"] = time.perf_counter() - t
     result.setdefault("peak_rss", peak_rss_bytes())
+    emit_result(result)
+
+
+def emit_result(result: dict) -> None:
+    """The child's result line; a later one replaces an earlier (partial) one."""
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -580,6 +591,12 @@ class Runner:
             if line.startswith(RESULT_MARK):
                 result = json.loads(line[len(RESULT_MARK):])
         took = time.perf_counter() - t
+        if proc.returncode != 0 and result is not None and result.get("partial"):
+            # its timed steps finished and were reported; what failed after them is only the profiled step
+            print(f" {took:.0f} s; then FAILED (exit {proc.returncode}) {result['partial']}: its times are kept, "
+                  f"its profile and its peak RSS past that point are not", file=sys.stderr)
+            result["failed_after"] = f"exit {proc.returncode}"
+            return result
         if proc.returncode != 0 or result is None:
             print(f" FAILED after {took:.0f} s (exit {proc.returncode}); last lines of {log}:", file=sys.stderr)
             tail = (proc.stdout + "\n" + log.read_text()).strip().splitlines()[-25:]
@@ -838,7 +855,9 @@ def bench_generate(runner: Runner, args, results: dict) -> None:
                 "tokens/s", "rounds timed"], table, notes)
 
 
-def top_components(profile: dict | None, k: int = 2) -> str:
+def top_components(profile: dict | None, k: int = 2, failed_after: str | None = None) -> str:
+    if failed_after:
+        return f"- (profiled step: {failed_after})"
     if not profile:
         return "-"
     ranked = sorted(profile.items(), key=lambda kv: -kv[1])[:k]
@@ -884,7 +903,8 @@ def bench_scaling(runner: Runner, args, have_trl: bool, model_path: str, results
             speed[side] = (tok / s, r["peak_rss"])
             xs[side].append(tok)
             rss[side].append(r["peak_rss"])
-            row += [f"{tok:.0f}", f"{tok / s:.0f}", gb(r["peak_rss"]), top_components(r.get("profile"))]
+            row += [f"{tok:.0f}", f"{tok / s:.0f}", gb(r["peak_rss"]) + (" (timed steps)" if r.get("failed_after") else ""),
+                    top_components(r.get("profile"), failed_after=r.get("failed_after"))]
         both = len(speed) == 2
         row += [ratio(speed["posttrain"][0], speed["trl"][0]) if both else "-",
                 ratio(speed["posttrain"][1], speed["trl"][1]) if both else "-"]

@@ -44,3 +44,34 @@ def test_results_saved_before_each_child(tmp_path, monkeypatch):
     saved = json.loads(path.read_text())
     assert saved["dpo_hh_full"] == {"posttrain": {"step_seconds": [1.0]}, "trl": {"step_seconds": [2.0]}}
     assert "grpo" not in saved
+
+
+def test_a_child_killed_after_its_partial_result_keeps_its_times(tmp_path, monkeypatch):
+    """A child that reported its timed steps and was then killed (out of memory in the profiled extra step) gives
+    those times, marked; a child killed before any partial result, or one whose only result is not partial, is
+    a failure (None)."""
+    B = load_bench()
+    partial = B.RESULT_MARK + json.dumps({"step_seconds": [3.0], "partial": "before the profiled step"})
+    whole = B.RESULT_MARK + json.dumps({"step_seconds": [4.0]})
+    outcomes = iter([(-9, partial), (-9, ""), (1, whole), (0, partial + "\n" + whole)])
+
+    def fake_run(argv, **kwargs):
+        rc, out = next(outcomes)
+        return subprocess.CompletedProcess(argv, rc, stdout=out + "\n", stderr="")
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    (tmp_path / "work").mkdir()
+    runner = B.Runner(tmp_path / "work", verbose=False)
+    got = runner.child("dpo_trl", "killed in its profile")
+    assert got["step_seconds"] == [3.0] and got["failed_after"] == "exit -9"
+    assert runner.child("dpo_trl", "killed early") is None
+    assert runner.child("dpo_trl", "failed after a whole result") is None
+    assert runner.child("dpo_trl", "finished: the last line wins") == {"step_seconds": [4.0]}
+    assert B.top_components(None, failed_after="exit -9") == "- (profiled step: exit -9)"
+
+
+def test_the_trl_child_reports_its_timed_steps_before_profiling():
+    """The partial result is printed inside the profiled step's branch, before the profiler runs."""
+    src = (ROOT / "benchmarks" / "bench.py").read_text()
+    branch = src[src.index("def child_dpo_trl"):src.index("def make_step_timer")]
+    assert branch.index('"partial": "before the profiled step"') < branch.index("return prof.run(super().training_step")
