@@ -412,8 +412,12 @@ def build_dataclass(cls, values: dict, prefix: str = "", lines: dict | None = No
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"{where}: unknown key for '{getattr(cls, 'command', cls.__name__)}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], where, name, lines)
         choices = names[key].metadata.get("choices")
+        if isinstance(value, bool) and choices:
+            # YAML reads no / off / yes / on as booleans; a choice spelled that way (TRL's `eval_strategy: no`) is meant
+            spelled = [c for c in choices if isinstance(c, str) and _scalar(c) is value]
+            value = spelled[0] if spelled else value
+        kwargs[key] = _coerce(value, hints[key], where, name, lines)
         if choices and kwargs[key] not in choices and kwargs[key] is not None:
             raise UserError(f"{where}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}")
     return cls(**kwargs)

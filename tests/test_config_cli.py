@@ -19,6 +19,18 @@ def test_defaults_and_typed_overrides():
     assert load_config(SFTConfig, None, []).learning_rate == 2e-5
 
 
+def test_a_choice_that_yaml_reads_as_a_boolean(tmp_path):
+    """`eval_strategy=no` (TRL's spelling): YAML 1.1 reads `no` as false, the field's choice 'no' is what is
+    meant, on the command line and in a file; a boolean where no choice is spelled that way stays an error."""
+    assert load_config(SFTConfig, None, ["eval_strategy=no", "save_strategy=no"]).eval_strategy == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("eval_strategy: no\nsave_strategy: 'no'\n")
+    cfg = load_config(SFTConfig, str(path), [])
+    assert (cfg.eval_strategy, cfg.save_strategy) == ("no", "no")
+    with pytest.raises(UserError, match="lr_scheduler: expected a string, got True"):
+        load_config(SFTConfig, None, ["lr_scheduler=yes"])
+
+
 def test_nested_lora_keys():
     cfg = load_config(SFTConfig, None, ["lora.r=8", "lora.target_modules=q_proj,v_proj"])
     assert cfg.lora == LoraConfig(r=8, alpha=32.0, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=False)
