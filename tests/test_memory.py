@@ -108,6 +108,12 @@ def _layer_capture(tokenizer, t: Training):
     if t.lean_mlp:
         lean_mlp(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (model, base, *_middle_layer_recorder(model, base))
+
+
+def _middle_layer_recorder(model, base):
+    """A saved-tensor pack hook that records every tensor autograd keeps while `base`'s middle layer (index 1)
+    runs (storage -> (bytes, shape, dtype)), the model's own parameters and buffers left out; and that record."""
     own = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
     layer, inside, seen = base.model.layers[1], [False], {}
     layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
@@ -119,7 +125,7 @@ def _layer_capture(tokenizer, t: Training):
             seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
         return x
 
-    return model, base, pack, seen
+    return pack, seen
 
 
 def _saved_bytes_per_token(tokenizer, t: Training, masked: bool, B=2, T=24):
@@ -220,16 +226,7 @@ def test_reward_model_packed_pairs_saved_bytes(tokenizer, prefix, bf16):
     model = AutoModelForSequenceClassification.from_config(config)
     model.config._attn_implementation = "sdpa"
     lean_mlp(model)
-    own = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
-    layer, inside, seen = model.model.layers[1], [False], {}
-    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
-
-    def pack(x):
-        st = x.untyped_storage()
-        if inside[0] and st.data_ptr() not in own:
-            seen[st.data_ptr()] = (st.nbytes(), tuple(x.shape), x.dtype)
-        return x
+    pack, seen = _middle_layer_recorder(model, model)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
