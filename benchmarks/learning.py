@@ -8,6 +8,9 @@
     python benchmarks/learning.py ROW --part train --seeds 2 --resume
     python benchmarks/learning.py ROW --seeds 1,2 --part report           # runs nothing: assembles the table line
 
+    # a variant: KEY=VALUE added to the row's last training command; warm-up and before-eval shared with the row
+    python benchmarks/learning.py main --seeds 1,2 --resume --set curriculum=pass_rate
+
 Rows (recipes in examples/; SmolLM2-135M-Instruct, float32, this CPU):
 
     arith   arith_train -> arith_test (300): greedy accuracy before, SFT warm-up on the `solution` column, GRPO,
